@@ -1,0 +1,1 @@
+"""Parameter-efficient methods, one per file."""
