@@ -45,7 +45,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -128,7 +130,9 @@ def save_prefix(
         },
     }
     try:
-        atomic_save_tensors({PEFT_KEY: to_peft_embeddings(kv.float().cpu())}, directory / ADAPTER_WEIGHTS, {"format": "pt"})
+        atomic_save_tensors(
+            {PEFT_KEY: to_peft_embeddings(kv.float().cpu())}, directory / ADAPTER_WEIGHTS, {"format": "pt"}
+        )
         atomic_write_bytes(directory / ADAPTER_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
     except OSError as e:
         raise PrefixTuneError(f"cannot write adapter to {directory}: {e.strerror}") from None

@@ -12,8 +12,9 @@ holds a `PrefixBatch` only for the duration of one `PrefixModel.forward` / `gene
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class PrefixBatch:
     def rows(self) -> int:
         return self.visible.shape[0]
 
-    def repeat_rows(self, times: int) -> "PrefixBatch":
+    def repeat_rows(self, times: int) -> PrefixBatch:
         """Each row repeated `times` times in place (generate's expansion for beams / num_return_sequences)."""
         return PrefixBatch(
             keys=self.keys.repeat_interleave(times, dim=1),

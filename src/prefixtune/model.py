@@ -85,7 +85,7 @@ class PrefixModel(nn.Module):
 
     def add_adapter(
         self, name: str, config_or_path: PrefixConfig | str | os.PathLike[str], *, force: bool = False
-    ) -> "PrefixModel":
+    ) -> PrefixModel:
         """Add a new trainable prefix from a `PrefixConfig`, or load a saved one from a directory."""
         check_adapter_name(name)
         if name in self.adapters:

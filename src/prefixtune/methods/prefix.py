@@ -64,7 +64,7 @@ class PrefixConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrefixConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PrefixConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
