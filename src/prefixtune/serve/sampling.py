@@ -1,0 +1,85 @@
+"""Per-request sampling (temperature, top_p, seed) and detokenization with stop strings."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for. temperature 0 = greedy; seed None = a fresh random seed."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else random.getrandbits(63)
+        return torch.Generator().manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from one row's logits (V,)."""
+    if params.temperature <= 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
+        sorted_probs[before >= params.top_p] = 0.0  # the smallest set whose mass reaches top_p is kept
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Token ids in, text deltas out; holds back text that could be the start of a stop string.
+
+    The whole completion is decoded each time (tokens that merge into one character, byte-level BPE,
+    word-level joins all come out right); only the new suffix is emitted.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # the completion so far (cut at a stop string once one is seen)
+        self.sent = 0  # characters of self.text already emitted
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add one token; returns (text to emit now, whether a stop string was reached)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return "", False
+        self.text = text
+        hits = [at for s in self.stop if (at := text.find(s, max(0, self.sent - len(s)))) != -1]
+        if hits:
+            self.text = text[: min(hits)]  # the earliest stop string wins; it is not part of the output
+            return self._emit(len(self.text)), True
+        return self._emit(len(text) - self._held_back(text)), False
+
+    def flush(self) -> str:
+        """Everything not yet emitted (the request is finished for another reason than a stop string)."""
+        return self._emit(len(self.text))
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        delta, self.sent = self.text[self.sent : upto], upto
+        return delta

@@ -1,0 +1,270 @@
+"""One model thread: a bounded queue in, continuous batching across adapters, text events out.
+
+Between two decode steps the thread runs queued commands (adapter load/unload), drops cancelled and finished
+rows, and admits waiting requests (prefilled together and merged into the running batch). Every decode step
+is one forward pass over all running rows, whatever adapter each row uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model import BASE, PrefixModel
+from .batch import RunningBatch
+from .metrics import Metrics
+from .sampling import SamplingParams, TextStream, sample
+
+log = logging.getLogger("prefixtune.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-queue; the client should retry later."""
+
+
+@dataclass
+class Event:
+    """What a request hears from the model thread: a text delta, and at the end a finish reason or an error."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" when finished
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    adapter: str  # an adapter name or BASE
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]  # called on the model thread; must be quick and thread-safe
+    cancelled: bool = False
+    completion_tokens: int = 0
+    next_token: int = -1
+    stream: TextStream | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the model thread to drop this request (client gone); it frees the row before the next step."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """Owns the model: only its thread calls forward. `submit` and `call` are safe from any thread."""
+
+    def __init__(
+        self,
+        model: PrefixModel,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        mix_adapters: bool = True,
+        metrics: Metrics | None = None,
+        tokenizer_lock: threading.Lock | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.mix_adapters = mix_adapters  # False: one adapter per batch (PEFT's way), for comparison
+        self.metrics = metrics or Metrics()
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.batch = RunningBatch(model, pad if pad is not None else 0)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.rows: list[GenerationRequest] = []  # aligned with self.batch's rows
+        self._waiting: deque[GenerationRequest] = deque()
+        self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._retiring: set[str] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="prefixtune-model", daemon=True)
+
+    # ----- any thread ---------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the model thread between two decode steps."""
+        future: Future[Any] = Future()
+        with self._wake:
+            self._commands.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def retire(self, adapter: str) -> None:
+        """Delete `adapter` from the model once no waiting or running request uses it."""
+        with self._wake:
+            self._retiring.add(adapter)
+            self._wake.notify()
+
+    # ----- the model thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._commands or self.rows or self._retiring):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, who reports it
+                        future.set_exception(exc)
+            self._retire_unused()
+            self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
+            admitted = self._admit()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self.rows:
+                    self._decode()
+            except Exception as exc:  # a bug or out of memory: fail these requests, keep serving
+                log.exception("model step failed")
+                for request in self.rows + admitted:
+                    request.on_event(Event(error=f"generation failed: {exc}"))
+                self.rows = []
+                self.batch.keep([])
+        for request in self.rows + list(self._waiting):
+            request.on_event(Event(error="the server is shutting down"))
+
+    def _admit(self) -> list[GenerationRequest]:
+        with self._wake:
+            free = self.max_batch_size - len(self.rows)
+            if free <= 0 or not self._waiting:
+                return []
+            group = None
+            if not self.mix_adapters:
+                group = (
+                    self.rows[0].adapter
+                    if self.rows
+                    else next((r.adapter for r in self._waiting if not r.cancelled), None)
+                )
+            admitted, rest = [], deque()
+            while self._waiting:
+                request = self._waiting.popleft()
+                if request.cancelled:
+                    continue
+                if request.adapter != BASE and request.adapter not in self.model.adapters:
+                    request.on_event(Event(error=f"adapter {request.adapter!r} was unloaded"))
+                    continue
+                if len(admitted) < free and (group is None or request.adapter == group):
+                    admitted.append(request)
+                else:
+                    rest.append(request)
+            self._waiting = rest
+            return admitted
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        for request in requests:
+            request.stream = TextStream(self.tokenizer, request.params.stop)
+            request.generator = request.params.generator()
+        logits = self.batch.prefill([r.prompt_ids for r in requests], [r.adapter for r in requests])
+        self.rows.extend(requests)
+        self.metrics.observe_batch("prefill", len(requests))
+        self.metrics.add_tokens(prompt=sum(len(r.prompt_ids) for r in requests))
+        first = len(self.rows) - len(requests)
+        self._drop([first + i for i, r in enumerate(requests) if self._advance(r, logits[i])])
+
+    def _decode(self) -> None:
+        tokens = torch.tensor([r.next_token for r in self.rows], dtype=torch.long)
+        logits = self.batch.step(tokens)
+        self.metrics.observe_batch("decode", len(self.rows))
+        self._drop([i for i, r in enumerate(self.rows) if self._advance(r, logits[i])])
+
+    def _advance(self, request: GenerationRequest, logits: torch.Tensor) -> bool:
+        """Sample the row's next token and report it; True when the request is finished."""
+        assert request.stream is not None and request.generator is not None
+        token = sample(logits, request.params, request.generator)
+        request.completion_tokens += 1
+        request.next_token = token
+        self.metrics.add_tokens(completion=1)
+        finish = None
+        if token in self.eos_ids and not request.params.ignore_eos:
+            finish, text = "stop", request.stream.flush()
+        else:
+            with self.tokenizer_lock:
+                text, stopped = request.stream.push(token)
+            if stopped:
+                finish = "stop"
+            elif request.completion_tokens >= request.params.max_tokens:
+                finish, text = "length", text + request.stream.flush()
+        if text or finish:
+            request.on_event(
+                Event(
+                    text=text,
+                    finish_reason=finish,
+                    prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=request.completion_tokens,
+                )
+            )
+        return finish is not None
+
+    def _drop(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.batch.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    def _retire_unused(self) -> None:
+        with self._wake:
+            if not self._retiring:
+                return
+            used = {r.adapter for r in self.rows} | {r.adapter for r in self._waiting}
+            done = {name for name in self._retiring if name not in used}
+            self._retiring -= done
+        for name in done:
+            if name != BASE and name in self.model.adapters:
+                self.model.delete_adapter(name)
+                log.info("adapter %s unloaded", name)
+
+
+def _eos_ids(model: PrefixModel, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model.base_model.generation_config, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
