@@ -1,0 +1,167 @@
+"""Bottleneck adapters: Houlsby et al. (2019) after attention and after the MLP; Pfeiffer et al. (2021) after the MLP.
+
+Each adapter is `h + up(act(down(h)))` on a sublayer's output, before the decoder layer's residual add. They enter
+through forward hooks on the attention/MLP modules that `blocks.find_blocks` finds (no per-architecture code) and
+live outside the base model, whose state dict never changes. `up` starts at zero, so an untrained adapter is the
+identity and training starts exactly from the base model. (Houlsby et al. also train the layer norms; here they
+stay frozen, so the adapter is the only thing that trains.)
+
+Saved as `bottleneck_adapter.json` + `bottleneck_adapter.safetensors` (names PEFT does not claim).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .. import artifact
+from ..errors import PrefixTuneError
+from .blocks import find_blocks
+
+CONFIG_FILE = "bottleneck_adapter.json"
+WEIGHTS_FILE = "bottleneck_adapter.safetensors"
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@dataclass
+class AdapterConfig:
+    """style: "houlsby" (after attention and MLP) or "pfeiffer" (after MLP only).
+    bottleneck_dim: the adapter's inner width (Houlsby et al. tried 8, 64, 256).
+    activation: "relu", "gelu", "silu" or "tanh"."""
+
+    style: Literal["houlsby", "pfeiffer"] = "houlsby"
+    bottleneck_dim: int = 64
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if self.style not in ("houlsby", "pfeiffer"):
+            raise PrefixTuneError(f"style must be 'houlsby' or 'pfeiffer', got {self.style!r}")
+        if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1:
+            raise PrefixTuneError(f"bottleneck_dim must be an integer >= 1, got {self.bottleneck_dim!r}")
+        if self.activation not in _ACTIVATIONS:
+            raise PrefixTuneError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        return ("attn", "mlp") if self.style == "houlsby" else ("mlp",)
+
+
+class Bottleneck(nn.Module):
+    """h -> h + up(act(down(h))); `up` is zero at start. (..., H) -> (..., H)."""
+
+    def __init__(self, hidden: int, size: int, activation: str) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.act = _ACTIVATIONS[activation]()
+        self.up = nn.Linear(size, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
+
+
+class AdapterModel(nn.Module):
+    """A frozen causal LM with a bottleneck adapter after each decoder layer's attention and/or MLP."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        self.base_model = model
+        self.config = config
+        for param in model.parameters():
+            param.requires_grad_(False)
+        blocks = find_blocks(model)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        device = next(model.parameters()).device
+        self.adapters = nn.ModuleDict()  # "{layer}_{place}" -> Bottleneck
+        self._hooks = []
+        for index in range(len(blocks.layers)):
+            for place in config.places:
+                module = blocks.attention(index) if place == "attn" else blocks.mlp(index)
+                adapter = Bottleneck(hidden, config.bottleneck_dim, config.activation).to(device)
+                self.adapters[f"{index}_{place}"] = adapter
+                self._hooks.append(module.register_forward_hook(_apply(adapter)))
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.base_model(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, **kwargs: Any) -> Any:
+        return self.base_model.generate(**kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.adapters.parameters() if p.requires_grad]
+
+    def detach(self) -> nn.Module:
+        """Remove the hooks and give back the base model as it was."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.base_model
+
+    def save_trained(self, directory: str | os.PathLike[str]) -> None:
+        directory = Path(directory)
+        meta = {
+            "method": "adapter",
+            "format_version": 1,
+            "adapter": asdict(self.config),
+            "num_layers": len(self.adapters) // len(self.config.places),
+            "hidden_size": self.base_model.get_input_embeddings().weight.shape[1],
+            "base_model_name_or_path": artifact.model_name(self.base_model),
+        }
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            artifact.atomic_save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
+            artifact.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        except OSError as e:
+            raise PrefixTuneError(f"cannot write the adapter to {directory}: {e.strerror}") from None
+
+
+def _apply(adapter: Bottleneck) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):  # attention modules return (hidden, weights, ...)
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+
+    return hook
+
+
+def build_adapter(model: nn.Module, config: AdapterConfig, tokenizer: Any = None) -> AdapterModel:
+    return AdapterModel(model, config)
+
+
+def load_adapter_model(model: nn.Module, directory: str | os.PathLike[str]) -> AdapterModel:
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        tensors = load_file(directory / WEIGHTS_FILE)
+    except FileNotFoundError as e:
+        raise PrefixTuneError(
+            f"{directory} is not a bottleneck-adapter directory ({Path(e.filename).name} missing)"
+        ) from None
+    except Exception as e:  # bad JSON, corrupt safetensors
+        raise PrefixTuneError(f"{directory}: cannot read the bottleneck adapter ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
+        raise PrefixTuneError(f"{directory / CONFIG_FILE}: missing the 'adapter' block; re-save the adapter")
+    try:
+        config = AdapterConfig(**meta["adapter"])
+    except TypeError as e:
+        raise PrefixTuneError(f"{directory / CONFIG_FILE}: bad 'adapter' block ({e})") from None
+    wrapped = AdapterModel(model, config)
+    try:
+        wrapped.adapters.load_state_dict(tensors)
+    except RuntimeError as e:
+        wrapped.detach()
+        raise PrefixTuneError(
+            f"adapter {directory} (made for {meta.get('base_model_name_or_path')}) does not fit "
+            f"{artifact.model_name(model)}: {' '.join(str(e).split())[:400]}"
+        ) from None
+    return wrapped

@@ -1,0 +1,100 @@
+"""Full fine-tuning, and Li & Liang's FT-top-K baseline (only the top K decoder layers and the head train).
+
+Saved as a whole transformers model (`save_pretrained`: config.json + model.safetensors) plus `full_finetune.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import artifact
+from ..errors import PrefixTuneError
+from .blocks import find_blocks
+
+CONFIG_FILE = "full_finetune.json"
+
+
+@dataclass
+class FullConfig:
+    """top_layers: None = every parameter trains; K = only the top K decoder layers, the final norm and (with
+    train_head) the LM head train (Li & Liang's FT-top2 is K=2). When the LM head is tied to the input embeddings
+    (GPT-2, SmolLM2) training the head trains that one shared matrix."""
+
+    top_layers: int | None = None
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_layers is not None and (not isinstance(self.top_layers, int) or self.top_layers < 1):
+            raise PrefixTuneError(
+                f"top_layers must be an integer >= 1 (or None for all layers), got {self.top_layers!r}"
+            )
+
+
+class FullModel(nn.Module):
+    """The model itself, with `requires_grad` set by the config."""
+
+    def __init__(self, model: nn.Module, config: FullConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        if config.top_layers is None:
+            model.requires_grad_(True)
+            return
+        blocks = find_blocks(model)
+        if config.top_layers > len(blocks.layers):
+            raise PrefixTuneError(f"top_layers={config.top_layers} but the model has {len(blocks.layers)} layers")
+        model.requires_grad_(False)
+        blocks.layers[len(blocks.layers) - config.top_layers :].requires_grad_(True)
+        if blocks.final_norm is not None:
+            blocks.final_norm.requires_grad_(True)
+        head = model.get_output_embeddings()
+        if config.train_head and head is not None:
+            head.requires_grad_(True)
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, **kwargs: Any) -> Any:
+        return self.model.generate(**kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_trained(self, directory: str | os.PathLike[str]) -> None:
+        directory = Path(directory)
+        try:
+            self.model.save_pretrained(directory)
+            meta = {"method": "full", "format_version": 1, "full": asdict(self.config)}
+            artifact.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        except OSError as e:
+            raise PrefixTuneError(f"cannot write the model to {directory}: {e.strerror}") from None
+
+
+def build_full(model: nn.Module, config: FullConfig, tokenizer: Any = None) -> FullModel:
+    return FullModel(model, config)
+
+
+def load_full(model: nn.Module, directory: str | os.PathLike[str]) -> FullModel:
+    """Load a fully fine-tuned model saved by `save_trained`; `model` gives the class, dtype, device, attention."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        config = FullConfig(**meta["full"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrefixTuneError(f"{directory}: not a full fine-tuning directory ({CONFIG_FILE}: {e})") from None
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        attention = None
+    try:
+        loaded = type(model).from_pretrained(directory, dtype=model.dtype, attn_implementation=attention)
+    except (OSError, ValueError) as e:
+        raise PrefixTuneError(f"cannot load the fine-tuned model in {directory}: {e}") from None
+    return FullModel(loaded.to(next(model.parameters()).device), config)

@@ -1,0 +1,103 @@
+"""LoRA (Hu et al., 2021) through the `peft` library; saved in PEFT's own format, mergeable into the base."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import peft
+import torch
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from ..errors import PrefixTuneError
+
+
+@dataclass
+class LoraConfig:
+    """r: rank; alpha: scale numerator (update = alpha/r * B A); dropout: on the LoRA input.
+    target_modules: module names (or "all-linear"); None = PEFT's default for the architecture (q/v projections
+    for Llama-style models, c_attn for GPT-2), or "all-linear" where PEFT has no default.
+    Defaults are Hu et al.'s GPT-2 E2E setting (r=4, alpha=32, dropout=0.1)."""
+
+    r: int = 4
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise PrefixTuneError(f"r must be an integer >= 1, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PrefixTuneError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def to_peft(self, model: nn.Module) -> peft.LoraConfig:
+        targets = self.target_modules
+        if (
+            targets is None
+            and getattr(model.config, "model_type", None) not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+        ):
+            targets = "all-linear"
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
+        )
+
+
+def inject_lora(model: nn.Module, config: LoraConfig) -> peft.PeftModel:
+    """Wrap `model` in a PeftModel with LoRA layers injected into it in place; only LoRA parameters train."""
+    was_training = model.training
+    try:
+        peft_model = peft.get_peft_model(model, config.to_peft(model))
+    except ValueError as e:  # PEFT's message for target modules that match nothing
+        raise PrefixTuneError(f"LoRA cannot be attached to {type(model).__name__}: {e}") from None
+    return peft_model.train(was_training)  # new LoRA layers (and their dropout) follow the base model's mode
+
+
+def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.PeftModel:
+    """Load a PEFT LoRA adapter directory onto `model` (trainable, so training can resume)."""
+    was_training = model.training
+    try:
+        peft_model = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise PrefixTuneError(f"cannot load the LoRA adapter in {directory}: {e}") from None
+    return peft_model.train(was_training)
+
+
+class LoraModel(nn.Module):
+    """A base model with PEFT LoRA layers; forward/generate go through PEFT."""
+
+    def __init__(self, peft_model: peft.PeftModel) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.peft_model(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, **kwargs: Any) -> Any:
+        return self.peft_model.generate(**kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def save_trained(self, directory: str | os.PathLike[str]) -> None:
+        """PEFT's format: adapter_config.json (peft_type LORA) + adapter_model.safetensors."""
+        try:
+            self.peft_model.save_pretrained(str(directory))
+        except OSError as e:
+            raise PrefixTuneError(f"cannot write the LoRA adapter to {directory}: {e.strerror}") from None
+
+    def merge(self) -> nn.Module:
+        """Fold the LoRA update into the base weights and return the plain transformers model (no PEFT layers)."""
+        return self.peft_model.merge_and_unload()
+
+
+def build_lora(model: nn.Module, config: LoraConfig, tokenizer: Any = None) -> LoraModel:
+    return LoraModel(inject_lora(model, config))
+
+
+def load_lora(model: nn.Module, directory: str | os.PathLike[str]) -> LoraModel:
+    return LoraModel(load_lora_into(model, directory))
