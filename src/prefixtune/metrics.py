@@ -1,0 +1,83 @@
+"""Scores for generated text: BLEU, ROUGE, accuracy, perplexity.
+
+Scales: BLEU and ROUGE are 0-100 (as papers and sacrebleu report them), accuracy is a fraction 0-1,
+perplexity is exp(mean negative log-likelihood per target token).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Sequence
+
+from .errors import PrefixTuneError
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def _check(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> list[list[str]]:
+    if len(predictions) != len(references_list):
+        raise PrefixTuneError(f"{len(predictions)} predictions but {len(references_list)} reference sets")
+    if not predictions:
+        raise PrefixTuneError("nothing to score: no predictions")
+    references = []
+    for i, refs in enumerate(references_list):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        if not refs or not all(isinstance(r, str) for r in refs):
+            raise PrefixTuneError(f"example {i}: references must be a non-empty list of strings, got {refs!r}")
+        references.append(refs)
+    return references
+
+
+def bleu(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu, 13a tokenization), 0-100, against all references of each example.
+
+    `references_list[i]` holds the references of prediction i; their number may differ between examples.
+    """
+    import sacrebleu
+
+    references = _check(predictions, references_list)
+    # sacrebleu wants reference *streams* (stream j = the j-th reference of every example); None marks
+    # "this example has fewer references" and is skipped for that example.
+    width = max(len(refs) for refs in references)
+    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
+def rouge(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemming), 0-100; each example takes its best reference."""
+    from rouge_score import rouge_scorer
+
+    references = _check(predictions, references_list)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, refs in zip(predictions, references):
+        best = scorer.score_multi(refs, prediction)
+        for key in ROUGE_TYPES:
+            totals[key] += best[key].fmeasure
+    return {key: 100.0 * total / len(references) for key, total in totals.items()}
+
+
+def normalize_label(text: str) -> str:
+    """The first line of a text, trimmed of spaces and punctuation, case-folded: "Positive.\\n.." -> "positive"."""
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    return first.strip().strip(string.punctuation + " \t").casefold()
+
+
+def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
+    """Fraction (0-1) of predictions equal to their label after `normalize_label` on both."""
+    if len(predictions) != len(labels):
+        raise PrefixTuneError(f"{len(predictions)} predictions but {len(labels)} labels")
+    if not predictions:
+        raise PrefixTuneError("nothing to score: no predictions")
+    hits = sum(normalize_label(p) == normalize_label(gold) for p, gold in zip(predictions, labels))
+    return hits / len(predictions)
+
+
+def perplexity(total_nll: float, total_tokens: int) -> float:
+    """exp(total_nll / total_tokens): total_nll is the summed negative log-likelihood (nats) of the scored tokens."""
+    if total_tokens <= 0:
+        raise PrefixTuneError("no target tokens to score for perplexity (are all targets truncated away?)")
+    mean = total_nll / total_tokens
+    return math.exp(mean) if mean < 700 else math.inf
