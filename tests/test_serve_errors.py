@@ -1,0 +1,217 @@
+"""Bad input, adapters at run time, API keys, a full queue and clients that leave: answered in kind, serving goes on."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from serve_fixtures import LiveServer, save_adapters, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+from prefixtune.serve import create_app
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("serve_errors")
+    model = tiny_llama()
+    adapters = save_adapters(model, root / "adapters")
+    broken = adapters / "broken"  # a corrupt adapter in the directory at start-up
+    shutil.copytree(adapters / "alpha", broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    spare = save_adapters(model, root / "spare", {"delta": (5, "peft")})  # loadable later, from outside the dir
+    foreign = save_adapters(tiny_gpt2(), root / "foreign", {"gpt2prefix": (4, "peft")})  # another model's shapes
+    twin = save_adapters(tiny_llama(seed=1), root / "twin", {"twin": (4, "peft")})  # same shapes, other weights
+    return {"model": model, "adapters": adapters, "spare": spare, "foreign": foreign, "twin": twin}
+
+
+@pytest.fixture(scope="module")
+def server(setup: dict[str, Any]) -> Iterator[LiveServer]:
+    app = create_app(setup["model"], tiny_tokenizer(), adapters_dir=setup["adapters"], max_batch_size=8)
+    with LiveServer(app) as live:
+        yield live
+
+
+def post(server: LiveServer, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(server.url + path, timeout=30, **kwargs)
+
+
+def completion(server: LiveServer, **fields: Any) -> httpx.Response:
+    body = {"model": "alpha", "prompt": "the cat", "max_tokens": 3, **GREEDY, **fields}
+    return post(server, "/v1/completions", json=body)
+
+
+def test_malformed_json_is_400(server: LiveServer) -> None:
+    r = post(
+        server,
+        "/v1/completions",
+        content=b'{"model": "alpha", "prompt": ',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the body is not valid JSON"
+    assert post(server, "/v1/chat/completions", json={"model": "alpha"}).status_code == 422  # no messages
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 5},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"max_tokens": 0},
+        {"n": 100},
+        {"seed": -1},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"prompt": []},
+        {"max_tokens": "many"},
+    ],
+)
+def test_out_of_range_parameters_are_422(server: LiveServer, fields: dict[str, Any]) -> None:
+    r = completion(server, **fields)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_adapter_is_404(server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nobody", prompt="the cat", max_tokens=2)
+    assert completion(server, model="../x").status_code == 404
+    assert completion(server, model="broken").status_code == 404  # corrupt at start-up: not served
+
+
+def test_prompt_longer_than_the_context_is_400(server: LiveServer) -> None:
+    r = completion(server, prompt="the " * 5000)
+    assert r.status_code == 400 and "at most" in r.json()["error"]["message"]
+    r = completion(server, prompt="the cat", max_tokens=4095)  # alpha's P=4 positions come off the 4096
+    assert r.status_code == 400 and "exceeds the context" in r.json()["error"]["message"]
+    assert completion(server, prompt="", max_tokens=2).status_code == 400
+
+
+def test_adapter_names_with_path_characters_are_refused(server: LiveServer) -> None:
+    for name in ["../x", "a/b", "..", ".hidden", "x" * 65, "__base__"]:
+        r = post(server, "/v1/load_adapter", json={"name": name})
+        assert r.status_code == 400, (name, r.text)
+        assert "invalid adapter name" in r.json()["error"]["message"]
+    r = post(server, "/v1/load_adapter", json={"name": "sneaky", "path": "../spare/delta"})
+    assert r.status_code == 400 and "must be inside" in r.json()["error"]["message"]
+
+
+def test_corrupt_and_mismatched_adapters_are_refused(server: LiveServer, setup: dict[str, Any]) -> None:
+    r = post(server, "/v1/load_adapter", json={"name": "broken2", "path": "broken"})
+    assert r.status_code == 400 and "corrupt or truncated" in r.json()["error"]["message"]
+    assert post(server, "/v1/load_adapter", json={"name": "missing"}).status_code == 400
+    for source in ("foreign/gpt2prefix", "twin/twin"):  # wrong shapes; same shapes but another model
+        dest = setup["adapters"] / source.split("/")[1]
+        shutil.copytree(setup[source.split("/")[0]] / source.split("/")[1], dest)
+        try:
+            r = post(server, "/v1/load_adapter", json={"name": dest.name})
+            assert r.status_code == 400 and ("was made for" in r.text or "was trained on" in r.text), r.text
+        finally:
+            shutil.rmtree(dest)
+    names = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+    assert names == ["tiny-llama", "alpha", "beta", "gamma"]
+
+
+def test_load_and_unload_at_run_time(server: LiveServer, setup: dict[str, Any]) -> None:
+    before = completion(server, model="beta", max_tokens=6).json()["choices"][0]["text"]
+    r = post(server, "/v1/unload_adapter", json={"name": "beta"})
+    assert r.status_code == 200 and r.json() == {"status": "unloaded", "name": "beta"}
+    assert completion(server, model="beta").status_code == 404
+    assert post(server, "/v1/unload_adapter", json={"name": "beta"}).status_code == 404
+    r = post(server, "/v1/load_adapter", json={"lora_name": "beta", "lora_path": "beta"})  # vLLM's field names
+    assert r.status_code == 200 and r.json()["num_virtual_tokens"] == 9
+    assert completion(server, model="beta", max_tokens=6).json()["choices"][0]["text"] == before
+    assert post(server, "/v1/load_adapter", json={"name": "beta"}).status_code == 409  # already served
+    shutil.copytree(setup["spare"] / "delta", setup["adapters"] / "delta")
+    assert post(server, "/v1/load_adapter", json={"name": "delta"}).status_code == 200
+    assert completion(server, model="delta").status_code == 200
+    assert post(server, "/v1/unload_adapter", json={"name": "delta"}).status_code == 200
+    shutil.rmtree(setup["adapters"] / "delta")
+
+
+def test_api_key(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(setup["model"], tiny_tokenizer(), adapters_dir=setup["adapters"], api_key="s3cret")
+    with LiveServer(app) as live:
+        anonymous = openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.completions.create(model="alpha", prompt="the cat", max_tokens=2)
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(live.url + path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = httpx.post(live.url + "/v1/load_adapter", json={"name": "../x"})
+        assert r.status_code == 401  # the key is checked before anything else
+        assert httpx.get(live.url + "/health").status_code == 200  # open: for load balancers
+        assert httpx.get(live.url + "/").status_code == 200  # the page itself holds no data
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model="alpha", prompt="the cat", max_tokens=2).usage.completion_tokens == 2
+
+
+def _stream_first_chunk(url: str, body: dict[str, Any], opened: threading.Event, release: threading.Event) -> None:
+    with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                opened.set()
+                release.wait(30)
+                return  # leaves mid-stream: the connection is closed
+
+
+def _gauge(server: LiveServer, name: str) -> float:
+    return server.metric(httpx.get(server.url + "/metrics").text, name)
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_queue_full_is_429_with_retry_after(setup: dict[str, Any]) -> None:
+    app = create_app(setup["model"], tiny_tokenizer(), adapters_dir=setup["adapters"], max_batch_size=1, max_queue=1)
+    with LiveServer(app) as live:
+        long = {"model": "alpha", "prompt": "the cat", "max_tokens": 4000, "stream": True, **GREEDY}
+        opened, release = threading.Event(), threading.Event()
+        runner = threading.Thread(target=_stream_first_chunk, args=(live.url, long, opened, release))
+        runner.start()
+        assert opened.wait(30)  # the one batch slot is taken
+        waiting: dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: waiting.update(r=completion(live, max_tokens=2)))
+        waiter.start()
+        _wait_for(lambda: _gauge(live, "prefixtune_queue_depth") == 1)  # the one queue place is taken
+        r = completion(live)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        release.set()  # the streaming client leaves; the waiting request gets the slot
+        runner.join(30)
+        waiter.join(30)
+        assert waiting["r"].status_code == 200
+
+
+def test_client_leaving_mid_stream_frees_its_row(server: LiveServer) -> None:
+    opened, release = threading.Event(), threading.Event()
+    release.set()
+    before = _gauge(server, "prefixtune_generation_tokens_total")
+    body = {"model": "gamma", "prompt": "the cat", "max_tokens": 4000, "stream": True, **GREEDY}
+    _stream_first_chunk(server.url, body, opened, release)
+    assert opened.is_set()
+    _wait_for(lambda: _gauge(server, "prefixtune_running_requests") == 0)
+    generated = _gauge(server, "prefixtune_generation_tokens_total") - before
+    print(f"tokens generated before the client left and its row was freed: {generated:g}")
+    assert generated < 4000
+    time.sleep(0.3)
+    assert _gauge(server, "prefixtune_generation_tokens_total") - before == generated  # nothing more for it
+    assert completion(server).status_code == 200  # and everyone else is still served
+
+
+def test_unknown_route_and_method(server: LiveServer) -> None:
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/completions").status_code == 405
