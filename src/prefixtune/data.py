@@ -1,0 +1,579 @@
+"""Records -> examples -> token ids -> batches.
+
+Sources of records: JSONL, CSV, JSON (a list, or BIG-bench's {"examples": [...]}) files; `hf:NAME[:CONFIG]`
+(Hugging Face `datasets`, optional); the built-in sets `e2e`, `xsum`, `multiemo` (files located or fetched by
+sources.py). Fields: `input`/`target` by default, `prompt`/`completion` recognized, others by name. A `target`
+that is a list of strings, or several records with the same source, are the references of one example;
+BIG-bench `target_scores` (or a `label` field) make a classification example whose target is the label word.
+
+Prompt format, the same for training and generation:
+
+    plain:          [BOS if the tokenizer adds one] source "\\nOutput:" | " " target EOS
+    chat_template:  the tokenizer's chat template with the source as the user turn and the generation
+                    prompt added                                      | target EOS
+
+Everything left of "|" is the prompt; its tokens get label -100 (no loss). The separator "\\nOutput:" is
+fixed text the prefix learns to answer after; the target is tokenized on its own, so the label boundary is exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import sources
+from .errors import PrefixTuneError
+
+SEPARATOR = "\nOutput:"
+TARGET_PREFIX = " "  # plain format: the target starts after one space ("Output: Blue Spice is ...")
+IGNORE_INDEX = -100
+SPLITS = ("train", "validation", "test")
+# (validation, test) fractions of the distinct sources; train is the rest
+SPLIT_FRACTIONS: dict[str, tuple[float, float]] = {"e2e": (0.10, 0.20), "xsum": (0.10, 0.10), "multiemo": (0.10, 0.10)}
+DEFAULT_SPLIT_FRACTIONS = (0.10, 0.10)
+_CHAT_SLOT = "\ue000"  # a private-use character stands in for the source when the chat template is rendered
+
+log = logging.getLogger("prefixtune")
+
+
+@dataclass
+class Example:
+    """One input and what should come out of it.
+
+    `target` is the text trained on (the first reference; the label word for classification, None when
+    unknown); `references` are all acceptable targets for scoring; `label` is set for classification only.
+    """
+
+    source: str
+    target: str | None
+    references: list[str] = field(default_factory=list)
+    label: str | None = None
+    task: str | None = None
+
+
+# ----- reading ------------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    spec: str,
+    *,
+    split: str | None,
+    data_dir: str | os.PathLike[str] | None = None,
+    source_field: str | None = None,
+    target_field: str | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Read a data set and return one example per distinct source, references grouped, in file order.
+
+    `spec` is a built-in name (e2e, xsum, multiemo), `hf:NAME[:CONFIG]`, or a .jsonl/.csv/.json file.
+    `split=None` is everything; "train"/"validation"/"test" are disjoint sets of distinct sources, chosen by
+    a hash of (seed, source) so they never depend on file order. The split seed is not the training seed:
+    train and eval must pass the same `seed` (default 0) or the test set leaks into training.
+    Sizes in distinct sources (validation/test fractions, train is the rest):
+      e2e      10% / 20%: 149 train, 21 validation, 43 test (of 213 inputs, ~4.7 references each)
+      xsum     10% / 10%: 801 train, 100 validation, 100 test (of 1001)
+      multiemo 10% / 10%: 6571 train, 822 validation, 822 test (of 8215)
+      files    10% / 10%, rounded half up; hf:NAME uses the data set's own splits instead.
+    Classification examples are not grouped (each record stays one example), but share a split by source.
+    """
+    if split is not None and split not in SPLITS:
+        raise PrefixTuneError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if spec.startswith("hf:"):
+        return group_references(_read_hf(spec, split, source_field, target_field))
+    if spec in sources.DATA_ALIASES:
+        path = sources.prepare_dataset(spec, data_dir)
+        examples = read_records(path, source_field=source_field, target_field=target_field, task=spec)
+        fractions = SPLIT_FRACTIONS.get(spec, DEFAULT_SPLIT_FRACTIONS)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists() and not path.suffix and "/" not in spec and os.sep not in spec:
+            sources._data_alias(spec)  # raises: unknown built-in name, with the list
+        examples = read_records(path, source_field=source_field, target_field=target_field)
+        fractions = DEFAULT_SPLIT_FRACTIONS
+    grouped = group_references(examples)
+    if split is None:
+        return grouped
+    return split_examples(grouped, split, fractions=fractions, seed=seed, name=spec)
+
+
+def read_records(
+    path: str | os.PathLike[str],
+    *,
+    source_field: str | None = None,
+    target_field: str | None = None,
+    require_target: bool = True,
+    task: str | None = None,
+) -> list[Example]:
+    """Read a .jsonl, .csv/.tsv or .json file into one Example per record (no grouping, no splitting)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        hint = "" if path.suffix else f"; built-in data sets: {', '.join(sources.DATA_ALIASES)}"
+        raise PrefixTuneError(f"{path}: no such data file{hint}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrefixTuneError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    if not text.strip():
+        raise PrefixTuneError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",", source_field, target_field)
+    elif suffix == ".json":
+        rows = _json_rows(path, text)
+    elif suffix in (".jsonl", ".ndjson") or text.lstrip().startswith("{"):
+        rows = _jsonl_rows(path, text)
+    else:
+        raise PrefixTuneError(f"{path}: unknown data format; use .jsonl, .csv, .tsv or .json")
+    if not rows:
+        raise PrefixTuneError(f"{path}: no records")
+    fields = _FieldPlan.choose(rows[0][1], source_field, target_field, rows[0][0])
+    return [fields.example(record, where, require_target, task) for where, record in rows]
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrefixTuneError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise PrefixTuneError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        rows.append((f"{path}:{number}", record))
+    return rows
+
+
+def _json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrefixTuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    records = data.get("examples") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise PrefixTuneError(f"{path}: expected a JSON list of records or an object with an 'examples' list")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PrefixTuneError(f"{path}: record {i}: expected a JSON object, got {type(record).__name__}")
+    return [(f"{path}: record {i}", record) for i, record in enumerate(records)]
+
+
+def _csv_rows(
+    path: Path, text: str, delimiter: str, source_field: str | None, target_field: str | None
+) -> list[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    for wanted in (source_field, target_field):
+        if wanted is not None and wanted not in columns:
+            raise PrefixTuneError(f"{path}:1: no column {wanted!r} (columns: {', '.join(columns)})")
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise PrefixTuneError(f"{path}:{reader.line_num}: more cells than the {len(columns)} columns")
+            rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v is not None}))
+    except csv.Error as e:
+        raise PrefixTuneError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    return rows
+
+
+@dataclass
+class _FieldPlan:
+    """Which record fields hold the source and the target, decided once per file from its first record."""
+
+    source: str
+    target: str | None  # None: no target field named or found; classification fields may still apply
+    target_named: bool
+
+    @classmethod
+    def choose(cls, first: dict[str, Any], source_field: str | None, target_field: str | None, where: str):
+        if source_field is None:
+            source_field = next((f for f in ("input", "prompt") if f in first), None)
+            if source_field is None:
+                raise PrefixTuneError(
+                    f"{where}: no 'input' or 'prompt' field (fields: {', '.join(first) or 'none'}); "
+                    "name the source field with --source-field"
+                )
+        target = target_field or next((f for f in ("target", "completion") if f in first), None)
+        return cls(source_field, target, target_field is not None)
+
+    def example(self, record: dict[str, Any], where: str, require_target: bool, task: str | None) -> Example:
+        source = record.get(self.source)
+        if source is None:
+            raise PrefixTuneError(f"{where}: no {self.source!r} field (fields: {', '.join(record)})")
+        if not isinstance(source, str):
+            raise PrefixTuneError(f"{where}: {self.source!r} must be a string, got {type(source).__name__}")
+        task = record["task"] if isinstance(record.get("task"), str) else task
+        value = record.get(self.target) if self.target else None
+        if value is not None:
+            references = [value] if isinstance(value, str) else value
+            if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+                raise PrefixTuneError(f"{where}: {self.target!r} must be a string or a non-empty list of strings")
+            return Example(source, references[0], list(references), task=task)
+        if not self.target_named:
+            label = _label_of(record, where)
+            if label is not None:
+                return Example(source, label, [label], label=label, task=task)
+        if require_target:
+            wanted = self.target or "target"
+            raise PrefixTuneError(
+                f"{where}: no {wanted!r} field (fields: {', '.join(record)}); name the target field with --target-field"
+            )
+        return Example(source, None, [], task=task)
+
+
+def _label_of(record: dict[str, Any], where: str) -> str | None:
+    """A classification label: BIG-bench `target_scores` (the label scored 1), or a `label` field."""
+    scores = record.get("target_scores")
+    if isinstance(scores, dict) and scores:
+        best = max(scores.values())
+        winners = [name for name, score in scores.items() if score == best]
+        if len(winners) != 1:
+            raise PrefixTuneError(f"{where}: target_scores has no single best label ({scores})")
+        return str(winners[0])
+    if "label" in record and record["label"] is not None:
+        return str(record["label"])
+    return None
+
+
+def _read_hf(spec: str, split: str | None, source_field: str | None, target_field: str | None) -> list[Example]:
+    name, _, config = spec[len("hf:") :].partition(":")
+    if not name:
+        raise PrefixTuneError("hf: needs a data set name, as in hf:NAME or hf:NAME:CONFIG")
+    try:
+        import datasets
+    except ImportError:
+        raise PrefixTuneError("hf: data sets need the `datasets` package: pip install 'prefixtune[hf]'") from None
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise PrefixTuneError(
+            f"cannot load Hugging Face data set {name!r}: {first} (no network? use a local file)"
+        ) from None
+    available = list(loaded.keys())
+    if split is not None and split not in available:
+        raise PrefixTuneError(f"hf:{name} has no split {split!r} (splits: {', '.join(available)})")
+    examples: list[Example] = []
+    for part in [split] if split is not None else available:
+        rows = loaded[part]
+        if len(rows) == 0:
+            continue
+        plan = _FieldPlan.choose(dict(rows[0]), source_field, target_field, f"hf:{name}[{part}] row 0")
+        examples += [plan.example(dict(r), f"hf:{name}[{part}] row {i}", True, None) for i, r in enumerate(rows)]
+    if not examples:
+        raise PrefixTuneError(f"hf:{name}: no records")
+    return examples
+
+
+# ----- grouping and splitting ---------------------------------------------------------------------------------
+
+
+def group_references(examples: Iterable[Example]) -> list[Example]:
+    """Merge generation examples with the same source (and task) into one with all references; keep order.
+
+    Classification examples (label set) and examples without a target stay as they are.
+    """
+    grouped: list[Example] = []
+    by_key: dict[tuple[str, str | None], Example] = {}
+    for example in examples:
+        if example.label is not None or example.target is None:
+            grouped.append(example)
+            continue
+        key = (example.source, example.task)
+        if key in by_key:
+            merged = by_key[key]
+            merged.references.extend(r for r in example.references if r not in merged.references)
+            continue
+        copy = Example(example.source, example.target, list(example.references), None, example.task)
+        by_key[key] = copy
+        grouped.append(copy)
+    return grouped
+
+
+def split_examples(
+    examples: Sequence[Example],
+    split: str,
+    *,
+    fractions: tuple[float, float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+    name: str = "data",
+) -> list[Example]:
+    """The `split` part of `examples`, by distinct source: no source is in two parts. See load_dataset."""
+    distinct = list(dict.fromkeys(e.source for e in examples))
+    ranked = sorted(distinct, key=lambda s: hashlib.sha256(f"{seed}\0{s}".encode()).hexdigest())
+    n_validation, n_test = (int(f * len(ranked) + 0.5) for f in fractions)
+    parts = {
+        "test": set(ranked[:n_test]),
+        "validation": set(ranked[n_test : n_test + n_validation]),
+        "train": set(ranked[n_test + n_validation :]),
+    }
+    chosen = [e for e in examples if e.source in parts[split]]
+    if not chosen:
+        raise PrefixTuneError(
+            f"the {split!r} split of {name} is empty ({len(distinct)} distinct inputs); add data or use the whole file"
+        )
+    return chosen
+
+
+def training_pairs(examples: Iterable[Example]) -> list[Example]:
+    """One example per (source, reference): training learns every reference; scoring uses them together."""
+    pairs = []
+    for example in examples:
+        if example.label is not None:
+            pairs.append(example)
+            continue
+        references = example.references or ([example.target] if example.target is not None else [])
+        pairs += [Example(example.source, r, [r], None, example.task) for r in references]
+    return pairs
+
+
+def label_names(examples: Iterable[Example]) -> list[str]:
+    """The distinct labels of classification examples, sorted."""
+    return sorted({e.label for e in examples if e.label is not None})
+
+
+# ----- tokenization -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX over the prompt, the target ids (ending in EOS unless cut) after it
+    prompt_length: int
+    index: int  # position in the list given to encode
+
+
+@dataclass
+class EncodeStats:
+    """What tokenization did; `truncated` counts examples that lost any token. Callers must report it."""
+
+    examples: int = 0
+    truncated: int = 0
+    source_truncated: int = 0
+    target_truncated: int = 0  # lost the end of the target (and its EOS)
+    longest: int = 0  # longest sequence before truncation, in tokens
+    max_length: int | None = None
+
+    def describe(self) -> str:
+        if not self.truncated:
+            return f"{self.examples} examples, none truncated (longest {self.longest} tokens)"
+        return (
+            f"{self.truncated} of {self.examples} examples truncated to max_length={self.max_length} "
+            f"({self.source_truncated} sources cut at the end, {self.target_truncated} targets cut; "
+            f"longest {self.longest} tokens)"
+        )
+
+
+class _PromptBuilder:
+    """Token ids around the source: before + source + after, built once per tokenizer and format."""
+
+    def __init__(self, tokenizer: Any, chat_template: bool) -> None:
+        self.tokenizer = tokenizer
+        if chat_template:
+            if not getattr(tokenizer, "chat_template", None):
+                raise PrefixTuneError("this tokenizer has no chat template; train and generate without chat_template")
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _CHAT_SLOT}], tokenize=False, add_generation_prompt=True
+            )
+            if rendered.count(_CHAT_SLOT) != 1:
+                raise PrefixTuneError("this tokenizer's chat template rewrites the message; use the plain format")
+            before, after = rendered.split(_CHAT_SLOT)
+            self.before, self.after = self._ids(before), self._ids(after)
+            self.target_prefix = ""
+        else:
+            self.before, self.after = _leading_special_ids(tokenizer), self._ids(SEPARATOR)
+            self.target_prefix = TARGET_PREFIX
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def source_ids(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+    @property
+    def overhead(self) -> int:
+        return len(self.before) + len(self.after)
+
+
+def _leading_special_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before text on its own (a BOS for Llama-2 style models, nothing for GPT-2)."""
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+def _as_example(item: Example | str) -> Example:
+    return Example(item, None) if isinstance(item, str) else item
+
+
+def encode(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_source_length: int | None = None,
+    chat_template: bool = False,
+    label_words: dict[str, str] | None = None,
+) -> tuple[list[EncodedExample], EncodeStats]:
+    """Token ids and labels for training or perplexity: prompt masked with -100, target then EOS scored.
+
+    Truncation is explicit and counted in the returned stats (and logged): the source is first cut to
+    `max_source_length`; if prompt + target + EOS still exceeds `max_length`, the target keeps what the prompt
+    leaves but at least half of `max_length` (cut at its end, losing EOS), and the source's end is cut to fit.
+    `label_words` maps classification labels to the words trained on (default: the label itself).
+    """
+    if tokenizer.eos_token_id is None:
+        raise PrefixTuneError("the tokenizer has no EOS token; set tokenizer.eos_token")
+    builder = _PromptBuilder(tokenizer, chat_template)
+    if max_length < builder.overhead + 2:
+        raise PrefixTuneError(f"max_length={max_length} is too small for the prompt format ({builder.overhead} tokens)")
+    targets = [_target_text(e, i, label_words) for i, e in enumerate(examples)]
+    source_ids = builder.source_ids([e.source for e in examples])
+    target_ids = builder.source_ids([builder.target_prefix + t for t in targets])
+    stats = EncodeStats(examples=len(examples), max_length=max_length)
+    encoded = []
+    for index, (source, target) in enumerate(zip(source_ids, target_ids)):
+        target = target + [tokenizer.eos_token_id]
+        stats.longest = max(stats.longest, builder.overhead + len(source) + len(target))
+        cut_source = cut_target = False
+        if max_source_length is not None and len(source) > max_source_length:
+            source, cut_source = source[:max_source_length], True
+        if builder.overhead + len(source) + len(target) > max_length:
+            target_budget = max(max_length - builder.overhead - len(source), max_length // 2)
+            if len(target) > target_budget:
+                target, cut_target = target[:target_budget], True
+            room = max_length - builder.overhead - len(target)
+            if len(source) > room:
+                source, cut_source = source[: max(room, 0)], True
+        prompt = builder.before + source + builder.after
+        encoded.append(EncodedExample(prompt + target, [IGNORE_INDEX] * len(prompt) + target, len(prompt), index))
+        stats.source_truncated += cut_source
+        stats.target_truncated += cut_target
+        stats.truncated += cut_source or cut_target
+    if stats.truncated:
+        log.warning("prefixtune: %s", stats.describe())
+    return encoded, stats
+
+
+def encode_prompts(
+    examples: Sequence[Example | str],
+    tokenizer: Any,
+    *,
+    max_source_length: int | None = None,
+    chat_template: bool = False,
+) -> tuple[list[list[int]], EncodeStats]:
+    """Prompt ids for generation, built exactly as `encode` builds them for training (source cut at its end)."""
+    builder = _PromptBuilder(tokenizer, chat_template)
+    items = [_as_example(e) for e in examples]
+    stats = EncodeStats(examples=len(items), max_length=max_source_length)
+    prompts = []
+    for source in builder.source_ids([e.source for e in items]):
+        stats.longest = max(stats.longest, builder.overhead + len(source))
+        if max_source_length is not None and len(source) > max_source_length:
+            source = source[:max_source_length]
+            stats.truncated += 1
+            stats.source_truncated += 1
+        prompts.append(builder.before + source + builder.after)
+    if stats.truncated:
+        log.warning("prefixtune: %s", stats.describe())
+    return prompts, stats
+
+
+def _target_text(example: Example, index: int, label_words: dict[str, str] | None) -> str:
+    if example.label is not None and label_words is not None:
+        if example.label not in label_words:
+            raise PrefixTuneError(f"example {index}: label {example.label!r} has no entry in label_words")
+        return label_words[example.label]
+    if example.target is None:
+        raise PrefixTuneError(f"example {index} has no target; training and perplexity need one")
+    return example.target
+
+
+# ----- batching -----------------------------------------------------------------------------------------------
+
+
+def _ordered_groups(lengths: list[int], batch_size: int, shuffle: bool, seed: int, bucket: bool) -> list[list[int]]:
+    """Indices grouped into batches. Bucketing sorts windows of 50 batches by length, so that a batch holds
+    similar lengths (little padding) while shuffling still mixes the data; then the batch order is shuffled."""
+    if batch_size < 1:
+        raise PrefixTuneError(f"batch_size must be at least 1, got {batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if bucket:
+        window = batch_size * 50 if shuffle else max(len(order), 1)
+        order = [
+            i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)
+        ]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle and bucket:
+        rng.shuffle(groups)
+    return groups
+
+
+def batches(
+    encoded: Sequence[EncodedExample],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    bucket_by_length: bool = True,
+    pad_id: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded training batches: input_ids, attention_mask (B, T) and labels (B, T) with -100 on padding.
+
+    Deterministic for a given seed; pass a different seed per epoch to reshuffle.
+    """
+    lengths = [len(e.input_ids) for e in encoded]
+    out = []
+    for group in _ordered_groups(lengths, batch_size, shuffle, seed, bucket_by_length):
+        width = max(lengths[i] for i in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            n = lengths[i]
+            input_ids[row, :n] = torch.tensor(encoded[i].input_ids)
+            labels[row, :n] = torch.tensor(encoded[i].labels)
+            attention_mask[row, :n] = 1
+        out.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return out
+
+
+def prompt_batches(
+    prompts: Sequence[Sequence[int]], batch_size: int, *, pad_id: int, bucket_by_length: bool = True
+) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Left-padded generation batches: (indices into prompts, {input_ids, attention_mask} (B, T)).
+
+    Left padding keeps every row's last prompt token in the last column, where generation continues.
+    With bucketing the prompts are sorted by length, so use the indices to put outputs back in order.
+    """
+    lengths = [len(p) for p in prompts]
+    if any(n == 0 for n in lengths):
+        raise PrefixTuneError("an empty prompt cannot be generated from")
+    out = []
+    for group in _ordered_groups(lengths, batch_size, False, 0, bucket_by_length):
+        width = max(lengths[i] for i in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            input_ids[row, width - lengths[i] :] = torch.tensor(prompts[i])
+            attention_mask[row, width - lengths[i] :] = 1
+        out.append((group, {"input_ids": input_ids, "attention_mask": attention_mask}))
+    return out
