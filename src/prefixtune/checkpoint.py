@@ -1,0 +1,86 @@
+"""Training checkpoints: trainable tensors (safetensors) + optimizer/schedule/RNG/step (torch, weights_only).
+
+A checkpoint is a directory written whole under a temporary name and swapped in by renames, so a run killed at
+any moment leaves either the previous checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .artifact import _fsync_dir
+from .errors import PrefixTuneError
+
+CHECKPOINT = "checkpoint"
+TRAINABLE = "trainable.safetensors"
+STATE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Write `run_dir/checkpoint` atomically: the model's trainable tensors and `state` (plain data + tensors)."""
+    final = run_dir / CHECKPOINT
+    tmp, old = run_dir / f".{CHECKPOINT}.tmp", run_dir / f".{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, tmp / TRAINABLE)
+    torch.save(state, tmp / STATE)
+    for name in (TRAINABLE, STATE):
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_dir(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a crash between the two renames leaves only the `.old` one)."""
+    for candidate in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"):
+        if (candidate / TRAINABLE).is_file() and (candidate / STATE).is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
+    """Restore the trainable tensors into `model`; return the saved state."""
+    directory = checkpoint_dir(run_dir)
+    if directory is None:
+        raise PrefixTuneError(f"{run_dir} has no checkpoint to resume from (train with save_every to write one)")
+    try:
+        tensors = load_file(directory / TRAINABLE)
+        state = torch.load(directory / STATE, weights_only=True)
+    except Exception as e:
+        raise PrefixTuneError(f"{directory}: unreadable checkpoint ({e})") from None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        raise PrefixTuneError(f"{directory}: checkpoint tensors do not match this run's trainable parameters")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise PrefixTuneError(
+                    f"{directory}: {name} is {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+    return state
