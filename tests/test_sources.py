@@ -1,9 +1,11 @@
 """Model and data sources without the network: name resolution, tiny saved models, a tiny GGUF written with
 the `gguf` package, the alias pipeline fed a fake wheel, and the built-in data fetch fed a fake archive."""
 
+import base64
 import hashlib
 import io
 import json
+import os
 import tarfile
 import time
 import zipfile
@@ -12,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from tiny_tokenizer import make_tokenizer
 
 from prefixtune import sources
 from prefixtune.errors import PrefixTuneError
+from tiny_tokenizer import make_tokenizer
 
 ALIAS = "smollm2-135m"
 
@@ -283,45 +285,188 @@ def fake_bigbench():
     return buffer.getvalue()
 
 
-def serve(monkeypatch, payload):
-    import urllib.request
+class FakeIndex:
+    """A simple-API index and file host on 127.0.0.1: /simple/bigbench/ lists the archive, /files/ serves it."""
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.payload = fake_bigbench()
+        self.listing = "json"  # "json", "html" or "empty"
+        self.href = None  # None: an absolute URL to /files/; else this, as written in the listing
+        self.listed_sha256 = hashlib.sha256(self.payload).hexdigest()
+        self.requests = []  # (path, headers)
+        index = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                index.requests.append((self.path, dict(self.headers)))
+                if self.path == "/simple/bigbench/":
+                    body, content_type = index.page(self.headers.get("Accept", ""))
+                elif self.path == f"/files/{sources.BIGBENCH_FILENAME}":
+                    body, content_type = index.payload, "application/octet-stream"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.root = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def page(self, accept):
+        name = sources.BIGBENCH_FILENAME
+        href = self.href or f"{self.root}/files/{name}"
+        files = [] if self.listing == "empty" else [(name, href)]
+        files.append(("bigbench-0.9.0.tar.gz", f"{self.root}/files/bigbench-0.9.0.tar.gz"))
+        if self.listing == "json" and sources._SIMPLE_JSON in accept:
+            entries = [{"filename": n, "url": u, "hashes": {"sha256": self.listed_sha256}} for n, u in files]
+            body = json.dumps({"meta": {"api-version": "1.0"}, "name": "bigbench", "files": entries})
+            return body.encode(), sources._SIMPLE_JSON
+        anchors = "".join(f'<a href="{u}#sha256={self.listed_sha256}">{n}</a><br/>\n' for n, u in files)
+        return f"<!DOCTYPE html><html><body><h1>Links for bigbench</h1>\n{anchors}</body></html>".encode(), "text/html"
+
+    def paths(self):
+        return [path for path, _ in self.requests]
 
 
-def test_builtin_data_is_fetched_once_and_checked(monkeypatch):
-    payload = fake_bigbench()
-    monkeypatch.setattr(sources, "BIGBENCH_SHA256", hashlib.sha256(payload).hexdigest())
-    serve(monkeypatch, payload)
+@pytest.fixture(autouse=True)
+def no_real_index(monkeypatch):
+    """No test reaches a real registry: the index is a closed local port unless a test serves one."""
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("no_proxy", "*")
+
+
+@pytest.fixture
+def index(monkeypatch):
+    served = FakeIndex()
+    monkeypatch.setattr(sources, "BIGBENCH_SHA256", hashlib.sha256(served.payload).hexdigest())
+    monkeypatch.setenv("PIP_INDEX_URL", f"{served.root}/simple")
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+
+
+def no_pip(requirement, destination, *extra):
+    raise PrefixTuneError("could not download bigbench==1.0.0 from the package registry: ERROR: offline")
+
+
+def test_builtin_data_is_fetched_once_and_checked(index):
     assert [row["cached"] for row in sources.list_datasets()] == [False, False, False]
     path = sources.prepare_dataset("xsum")
     assert path == sources.data_cache_dir() / "xsum.json"
     assert json.loads(path.read_text())["examples"][0]["input"] == "xsum"
     assert [row["cached"] for row in sources.list_datasets()] == [True, True, True]
-    serve(monkeypatch, b"")  # a second call must not download again
+    assert index.paths() == ["/simple/bigbench/", "/files/bigbench-1.0.0.tar.gz"]
+    assert sources._SIMPLE_JSON in index.requests[0][1]["Accept"]
     assert sources.prepare_dataset("multiemo").name == "multiemo_all_text_en.json"
+    assert len(index.requests) == 2  # a second call does not download again
 
 
-def test_builtin_data_with_a_wrong_hash_writes_nothing(monkeypatch):
-    serve(monkeypatch, fake_bigbench())
+@pytest.mark.parametrize("listing", ["json", "html"])
+@pytest.mark.parametrize("href", ["../../files/bigbench-1.0.0.tar.gz", "/files/bigbench-1.0.0.tar.gz", None])
+def test_builtin_data_from_json_or_html_listings_with_relative_links(index, listing, href):
+    index.listing, index.href = listing, href
+    assert sources._bigbench_archive_url() == f"{index.root}/files/bigbench-1.0.0.tar.gz"
+    assert json.loads(sources.prepare_dataset("e2e").read_text())["examples"][0]["input"] == "e2e"
+    assert index.paths()[-1] == "/files/bigbench-1.0.0.tar.gz"
+
+
+def test_index_credentials_go_in_a_header_not_in_messages(index, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", index.root.replace("//", "//me:s%40cret@") + "/simple/")
+    index.href = "../../files/bigbench-1.0.0.tar.gz"
+    sources.prepare_dataset("e2e")
+    expected = "Basic " + base64.b64encode(b"me:s@cret").decode()
+    assert [headers.get("Authorization") for _, headers in index.requests] == [expected, expected]
+    index.listing = "empty"
+    with pytest.raises(PrefixTuneError, match="lists no bigbench-1.0.0.tar.gz") as info:
+        sources._bigbench_archive_url()
+    assert "cret" not in str(info.value) and "127.0.0.1" in str(info.value)
+
+
+@pytest.mark.parametrize("listing", ["json", "html"])
+def test_archive_missing_from_the_listing_is_a_prefixtune_error(index, monkeypatch, listing):
+    index.listing = "empty"
+    if listing == "html":
+        monkeypatch.setattr(sources, "_SIMPLE_ACCEPT", "text/html")
+    with pytest.raises(PrefixTuneError, match="lists no bigbench-1.0.0.tar.gz for bigbench"):
+        sources._bigbench_archive_url()
+    monkeypatch.setattr(sources, "pip_download", no_pip)
+    with pytest.raises(PrefixTuneError, match="lists no bigbench-1.0.0.tar.gz .*ERROR: offline.*PREFIXTUNE_DATA_DIR"):
+        sources.prepare_dataset("e2e")
+    assert "/files/bigbench-1.0.0.tar.gz" not in index.paths()
+    assert not list(sources.data_cache_dir().glob("*.json"))
+
+
+def test_pip_download_is_the_fallback_when_the_index_lacks_the_archive(index, monkeypatch):
+    index.listing = "empty"
+    calls = []
+
+    def pip_has_it(requirement, destination, *extra):
+        calls.append((requirement, extra))
+        (destination / sources.BIGBENCH_FILENAME).write_bytes(index.payload)
+        return destination / sources.BIGBENCH_FILENAME
+
+    monkeypatch.setattr(sources, "pip_download", pip_has_it)
+    assert json.loads(sources.prepare_dataset("xsum").read_text())["examples"][0]["input"] == "xsum"
+    assert calls == [("bigbench==1.0.0", ("--no-binary", ":all:"))]
+    assert [p.name for p in sources.data_cache_dir().iterdir() if p.is_dir()] == []  # scratch removed
+
+
+def test_a_listing_with_another_sha256_stops_before_downloading(index):
+    index.listed_sha256 = "0" * 64
+    with pytest.raises(PrefixTuneError, match="with sha256 0{64}, not the pinned"):
+        sources.prepare_dataset("e2e")
+    assert index.paths() == ["/simple/bigbench/"]
+
+
+def test_builtin_data_with_a_wrong_hash_writes_nothing(index, monkeypatch):
+    monkeypatch.setattr(sources, "BIGBENCH_SHA256", "f" * 64)
+    index.listed_sha256 = "f" * 64
     with pytest.raises(PrefixTuneError, match="does not match PyPI's sha256"):
         sources.prepare_dataset("e2e")
     assert not list(sources.data_cache_dir().glob("*.json"))
 
 
-def test_builtin_data_offline_says_how_to_provide_the_files(monkeypatch):
-    import urllib.request
-
-    def no_route(url, timeout):
-        raise OSError("Name or service not known")
-
-    def no_pip(requirement, destination, *extra):
-        raise PrefixTuneError("could not download bigbench==1.0.0 from the package registry: ERROR: offline")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_route)
+def test_unreadable_json_listing_falls_back_to_pip(index, monkeypatch):
+    monkeypatch.setattr(index, "page", lambda accept: (b"{not json", sources._SIMPLE_JSON))
     monkeypatch.setattr(sources, "pip_download", no_pip)
+    with pytest.raises(PrefixTuneError, match="JSON listing is unreadable .*ERROR: offline"):
+        sources.prepare_dataset("e2e")
+
+
+def test_builtin_data_offline_says_how_to_provide_the_files(monkeypatch):
+    monkeypatch.setattr(sources, "pip_download", no_pip)  # the index is a closed port (autouse fixture)
     with pytest.raises(PrefixTuneError, match="could not fetch the built-in data sets .*PREFIXTUNE_DATA_DIR"):
         sources.prepare_dataset("e2e")
+
+
+def test_the_index_is_the_one_pip_is_configured_with(tmp_path, monkeypatch):
+    from pip._internal.models.index import PyPI
+
+    assert sources.pip_index_url() == "http://127.0.0.1:9/simple"  # PIP_INDEX_URL wins
+    monkeypatch.delenv("PIP_INDEX_URL")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no user configuration of this machine's in the way
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nindex-url = http://127.0.0.1:1/global\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    assert sources.pip_index_url() == "http://127.0.0.1:1/global"
+    config.write_text(
+        "[global]\nindex-url = http://127.0.0.1:1/global\n[download]\nindex-url = http://127.0.0.1:1/dl\n"
+    )
+    assert sources.pip_index_url() == "http://127.0.0.1:1/dl"  # what `pip download` itself would use
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configuration: pip's own default
+    assert sources.pip_index_url() == PyPI.simple_url
 
 
 # ----- the real built-in model ---------------------------------------------------------------------------------

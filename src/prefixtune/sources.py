@@ -13,9 +13,11 @@ into place, so a killed conversion never leaves half a copy; later loads read th
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import hashlib
+import html.parser
 import json
 import os
 import re
@@ -339,15 +341,13 @@ DATA_ALIASES: dict[str, DataAlias] = {
     ),
 }
 
-# The files come out of one pinned source distribution on PyPI. pip >= 26 refuses `pip download` of it (its
-# setup.py declares a direct-URL dependency, which pip rejects for PyPI files even with --no-deps), so the
-# archive is fetched over HTTPS from PyPI's file host and checked against the sha256 PyPI publishes; pip is
-# the fallback for machines that reach PyPI only through a configured mirror.
+# The files come out of one pinned source distribution on the package registry. pip >= 26 refuses `pip download`
+# of it (its setup.py declares a direct-URL dependency, which pip rejects for registry files even with --no-deps),
+# so the archive is found on the index pip is configured with (its simple API), streamed with urllib and checked
+# against the pinned sha256; `pip download` is the fallback (it also looks at extra indexes and find-links).
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
-BIGBENCH_URL = (
-    "<the registry file host: removed>/"
-    "bigbench-1.0.0.tar.gz"
-)
+BIGBENCH_PROJECT = "bigbench"
+BIGBENCH_FILENAME = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_SIZE = 358_249_635
 
@@ -403,13 +403,14 @@ def _data_alias(name: str) -> DataAlias:
 def _fetch_bigbench() -> None:
     """Stream the bigbench sdist once, keep the built-in task files, write them atomically into the cache."""
     destination = data_cache_dir()
-    say(f"fetching {BIGBENCH_REQUIREMENT} from PyPI (once; {BIGBENCH_SIZE / 1e6:.0f} MB) for the built-in data sets")
+    say(f"fetching {BIGBENCH_REQUIREMENT} (once; {BIGBENCH_SIZE / 1e6:.0f} MB) for the built-in data sets")
     try:
         import urllib.request
 
-        with urllib.request.urlopen(BIGBENCH_URL, timeout=60) as response:
+        request = _index_request(_bigbench_archive_url(), None)
+        with urllib.request.urlopen(request, timeout=60) as response:
             found = _extract_tasks(response, BIGBENCH_SIZE)
-    except (OSError, EOFError) as direct_error:  # no route to PyPI's file host: try pip and its configured index
+    except (OSError, EOFError, _NotOnIndex) as direct_error:  # index unreachable or odd: pip knows more ways
         say(f"direct download failed ({direct_error}); trying pip download")
         with tempfile.TemporaryDirectory(dir=destination, prefix=".bigbench.") as scratch:
             try:
@@ -427,6 +428,141 @@ def _fetch_bigbench() -> None:
     except OSError as e:
         raise PrefixTuneError(f"cannot write the built-in data sets into {destination}: {e}") from None
     say(f"saved {', '.join(DATA_ALIASES)} to {destination}")
+
+
+class _NotOnIndex(PrefixTuneError):
+    """The configured index could not name the archive (no listing, an unreadable one, or the file not in it)."""
+
+
+_SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+_SIMPLE_ACCEPT = f"{_SIMPLE_JSON}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
+
+
+def pip_index_url() -> str:
+    """The index `pip download` would use: PIP_INDEX_URL, else pip's configuration, else pip's built-in default.
+
+    No registry is named here: the default comes out of pip itself.
+    """
+    configured = os.environ.get("PIP_INDEX_URL", "").strip()
+    if configured:
+        return configured
+    command = [sys.executable, "-m", "pip", "config", "list"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        result = None
+    if result is not None and result.returncode == 0:
+        settings = {}
+        for line in result.stdout.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                with contextlib.suppress(ValueError, SyntaxError):
+                    settings[key.strip()] = str(ast.literal_eval(value.strip()))
+        for key in (":env:.index-url", "download.index-url", "global.index-url"):  # pip's own precedence
+            if settings.get(key, "").strip():
+                return settings[key].strip()
+    try:
+        from pip._internal.models.index import PyPI
+    except ImportError:
+        raise _NotOnIndex("pip is not importable, so its default index is unknown") from None
+    return str(PyPI.simple_url)
+
+
+def _redact(url: str) -> str:
+    """A URL fit for messages: any user:password@ dropped."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _index_request(url: str, accept: str | None) -> Any:
+    """A urllib Request for `url`; credentials written into the URL become a Basic Authorization header."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit
+
+    headers = {"User-Agent": "prefixtune"}
+    if accept:
+        headers["Accept"] = accept
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        token = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        url = _redact(url)
+    return urllib.request.Request(url, headers=headers)
+
+
+class _AnchorParser(html.parser.HTMLParser):
+    """The <a href> links of a simple-API HTML page, with their text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href, self._text = dict(attrs).get("href"), []
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._href is not None:
+            self.links.append((self._href, "".join(self._text).strip()))
+            self._href = None
+
+
+def _listed_files(body: bytes, content_type: str) -> list[tuple[str, str, str | None]]:
+    """(filename, url as written, sha256 or None) for every file on a simple-API project page."""
+    from urllib.parse import unquote, urldefrag, urlsplit
+
+    if content_type.endswith("json"):
+        try:
+            page = json.loads(body)
+            return [
+                (str(f["filename"]), str(f["url"]), (f.get("hashes") or {}).get("sha256"))
+                for f in page["files"]
+                if isinstance(f, dict)
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise _NotOnIndex(f"the index's JSON listing is unreadable ({_first_line(e)})") from None
+    parser = _AnchorParser()
+    parser.feed(body.decode("utf-8", errors="replace"))
+    parser.close()
+    files = []
+    for href, text in parser.links:
+        location, fragment = urldefrag(href)
+        name = unquote(urlsplit(location).path.rpartition("/")[2]) or text  # pip, too, names a link by its URL
+        digest = fragment.partition("=")[2] if fragment.startswith("sha256=") else None
+        files.append((name, href, digest))
+    return files
+
+
+def _bigbench_archive_url() -> str:
+    """Where the pinned bigbench sdist lives, read from the project's page on pip's index (PEP 691 JSON or HTML)."""
+    import urllib.request
+    from urllib.parse import urldefrag, urljoin
+
+    index = pip_index_url()
+    page_url = index.rstrip("/") + f"/{BIGBENCH_PROJECT}/"
+    with urllib.request.urlopen(_index_request(page_url, _SIMPLE_ACCEPT), timeout=60) as response:
+        body = response.read()
+        content_type = response.headers.get_content_type() if response.headers else ""
+        final_url = response.geturl() or page_url  # after redirects: relative links resolve against this
+    for name, url, digest in _listed_files(body, content_type):
+        if name == BIGBENCH_FILENAME:
+            if digest and digest.lower() != BIGBENCH_SHA256:
+                raise PrefixTuneError(
+                    f"the index {_redact(index)} lists {BIGBENCH_FILENAME} with sha256 {digest}, "
+                    f"not the pinned {BIGBENCH_SHA256}"
+                )
+            base = page_url if final_url == _redact(page_url) else final_url  # keeps credentials for relative links
+            return urldefrag(urljoin(base, url))[0]
+    raise _NotOnIndex(f"the index {_redact(index)} lists no {BIGBENCH_FILENAME} for {BIGBENCH_PROJECT}")
 
 
 class _HashingReader:
