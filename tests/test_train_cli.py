@@ -288,3 +288,27 @@ def test_config_precedence(tmp_path: Path) -> None:
         build_config(TrainConfig, str(yaml_file), {}, [], option_names)
     with pytest.raises(PrefixTuneError, match="key=value"):
         build_config(TrainConfig, None, {}, ["lr"], option_names)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "gemma3"])
+def test_target_only_logits_give_the_same_loss_and_gradients(arch: str) -> None:
+    import prefixtune
+    from prefixtune.train import causal_lm_loss
+
+    pm = prefixtune.attach(tiny(arch), prefixtune.PrefixConfig(num_virtual_tokens=3, projection_dim=8))
+    ids = torch.randint(3, 90, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the source
+    labels[1, 7:] = -100  # right padding
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    grads = []
+    for target_only in (False, True):
+        pm.zero_grad()
+        loss = causal_lm_loss(pm, batch, target_only=target_only)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in pm.trainable_parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
+    for full, kept in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(full, kept, rtol=1e-5, atol=1e-7)

@@ -47,6 +47,9 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU (float32 weights)"})
+    target_only_logits: bool = field(
+        default=True, metadata={"help": "run the LM head only where the loss is taken (same loss, less work)"}
+    )
     # bookkeeping
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
     eval_every: int | None = field(default=None, metadata={"help": "steps between validation runs"})

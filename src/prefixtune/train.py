@@ -195,7 +195,7 @@ def train(
             for _ in range(cfg.grad_accum):
                 batch = micro_batch(micro)
                 with autocast:
-                    loss = model(**batch).loss
+                    loss = causal_lm_loss(model, batch, target_only=cfg.target_only_logits)
                 (loss / cfg.grad_accum).backward()
                 window_loss += float(loss) / cfg.grad_accum
                 window_tokens += int(batch["attention_mask"].sum())
@@ -254,6 +254,25 @@ def train(
     checkpoint.save_checkpoint(out, model, snapshot())
     plot_losses(metrics_path, out / "loss.png")
     return TrainResult(model, out, step, best, stopped_early, trainable, total_params, elapsed)
+
+
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], *, target_only: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens (labels != -100), as transformers computes it.
+
+    With `target_only`, the LM head runs only at positions whose next token is a target in some row (via
+    transformers' `logits_to_keep`): source tokens are masked from the loss anyway, so their logits are waste.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not target_only:
+        return model(**inputs, labels=labels).loss
+    shifted = labels[:, 1:]  # the token that position p predicts is labels[:, p + 1]
+    keep = (shifted != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions
+    logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
+    target = shifted[:, keep]
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), target.flatten(), ignore_index=data.IGNORE_INDEX
+    )
 
 
 @contextmanager
