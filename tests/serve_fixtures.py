@@ -115,6 +115,13 @@ def solo_greedy(model: PrefixModel, tokenizer: Any, adapter: str, prompt: str, m
     return out[0, ids.shape[1] :].tolist()
 
 
+def continuation(tokenizer: Any, prompt: str, completion_ids: list[int]) -> str:
+    """What the completion adds to the prompt's text (OpenAI's `text`: prompt + text reads as one text)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    whole = tokenizer.decode(prompt_ids + completion_ids, skip_special_tokens=True)
+    return whole[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)) :]
+
+
 class LiveServer:
     """uvicorn on 127.0.0.1 with a free port, in a thread; the app's lifespan starts the model thread."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from serve_fixtures import LiveServer, oracle, save_adapters, solo_greedy, tiny_llama, tiny_tokenizer
+from serve_fixtures import LiveServer, continuation, oracle, save_adapters, solo_greedy, tiny_llama, tiny_tokenizer
 
 from prefixtune.model import BASE
 from prefixtune.serve import create_app
@@ -31,7 +31,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 def solo_text(served: dict[str, Any], model: str, prompt: str, max_tokens: int) -> str:
     adapter = BASE if model == "tiny-llama" else model
     ids = solo_greedy(served["solo"], served["tokenizer"], adapter, prompt, max_tokens)
-    return served["tokenizer"].decode(ids, skip_special_tokens=True)
+    return continuation(served["tokenizer"], prompt, ids)
 
 
 def test_models_health_and_metrics(served: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -136,6 +137,34 @@ def test_load_and_unload_at_run_time(server: LiveServer, setup: dict[str, Any]) 
     assert completion(server, model="delta").status_code == 200
     assert post(server, "/v1/unload_adapter", json={"name": "delta"}).status_code == 200
     shutil.rmtree(setup["adapters"] / "delta")
+
+
+def test_unload_lets_running_requests_finish(server: LiveServer) -> None:
+    """Unloading stops new requests at once; the rows already running on the adapter finish first."""
+    opened, seen = threading.Event(), {}
+
+    def read_stream() -> None:
+        body = {"model": "gamma", "prompt": "the cat", "max_tokens": 300, "stream": True, **GREEDY}
+        body["stream_options"] = {"include_usage": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    opened.set()
+                    chunk = json.loads(line[6:])
+                    seen.update(usage=chunk.get("usage") or seen.get("usage"))
+                    seen.update(reason=(chunk["choices"] or [{}])[0].get("finish_reason") or seen.get("reason"))
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    assert opened.wait(30)
+    assert post(server, "/v1/unload_adapter", json={"name": "gamma"}).status_code == 200
+    assert completion(server, model="gamma").status_code == 404
+    r = post(server, "/v1/load_adapter", json={"name": "gamma"})
+    assert r.status_code == 409 and "still being unloaded" in r.json()["error"]["message"]
+    reader.join(60)
+    assert seen["reason"] == "length" and seen["usage"]["completion_tokens"] == 300
+    _wait_for(lambda: post(server, "/v1/load_adapter", json={"name": "gamma"}).status_code == 200)
+    assert completion(server, model="gamma").status_code == 200
 
 
 def test_api_key(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ offset (the PEFT convention) on top. The cache holds real tokens only; prefixes 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from inspect import signature
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ class RunningBatch:
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.base_model.parameters()).device
+        self._reset()
+        # Only the last position's logits are needed: skip the (B, T, vocab) projection of a prefill if we can.
+        self._last_only = (
+            {"logits_to_keep": 1} if "logits_to_keep" in signature(model.base_model.forward).parameters else {}
+        )
+
+    def _reset(self) -> None:
         self.adapters: list[str] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, S)
@@ -75,7 +83,7 @@ class RunningBatch:
         if len(rows) == len(self) and list(rows) == list(range(len(self))):
             return
         if not rows:
-            self.__init__(self.model, self.pad_token_id)  # type: ignore[misc]
+            self._reset()
             return
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         mask = self.mask[index]
@@ -106,7 +114,12 @@ class RunningBatch:
         router.batch = prefix
         try:
             out = self.model.base_model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **self._last_only,
             )
         finally:
             router.batch = None

@@ -94,9 +94,9 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
             )
 
             def on_event(event: Event, index: int = index) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                events.put_nowait((index, event))
 
-            rows.append(GenerationRequest(adapter, list(ids), params, on_event))
+            rows.append(GenerationRequest(adapter, list(ids), params, on_event, loop, incremental=body.stream))
     try:
         for row in rows:
             state.scheduler.submit(row)

@@ -117,6 +117,10 @@ class AdapterRegistry:
 
     async def load(self, name: str, path: str | None) -> AdapterInfo:
         self._check_new_name(name)
+        if name in self.model.adapters:
+            raise APIError(
+                409, f"adapter {name!r} is still being unloaded (requests using it are running); retry shortly"
+            )
         where = self._adapter_path(name, path)
         try:
             await asyncio.to_thread(artifact.read_prefix, where)  # the files are whole and well-formed

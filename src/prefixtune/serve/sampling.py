@@ -41,29 +41,38 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class TextStream:
     """Token ids in, text deltas out; holds back text that could be the start of a stop string.
 
-    The whole completion is decoded each time (tokens that merge into one character, byte-level BPE,
-    word-level joins all come out right); only the new suffix is emitted.
+    Incremental detokenization (as vLLM does it): only a short window of ids is decoded per token, starting a
+    few prompt tokens back, so the completion's text is exactly what decoding prompt + completion adds to the
+    prompt's text (leading spaces included), multi-byte characters split across tokens wait until whole, and a
+    long completion costs O(length), not O(length^2).
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+    CONTEXT = 5  # prompt tokens decoded along with the first completion tokens
+
+    def __init__(self, tokenizer: Any, stop: list[str], prompt_ids: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
+        self.ids: list[int] = list((prompt_ids or [])[-self.CONTEXT :])
+        self.prefix_at = 0  # ids[prefix_at:read_at] were decoded last time (context for the new ids)
+        self.read_at = len(self.ids)
         self.text = ""  # the completion so far (cut at a stop string once one is seen)
         self.sent = 0  # characters of self.text already emitted
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; returns (text to emit now, whether a stop string was reached)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        before = self.tokenizer.decode(self.ids[self.prefix_at : self.read_at], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix_at :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing new yet, or half a character
             return "", False
-        self.text = text
-        hits = [at for s in self.stop if (at := text.find(s, max(0, self.sent - len(s)))) != -1]
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += after[len(before) :]
+        self.prefix_at, self.read_at = self.read_at, len(self.ids)
+        hits = [at for s in self.stop if (at := self.text.find(s, start)) != -1]
         if hits:
-            self.text = text[: min(hits)]  # the earliest stop string wins; it is not part of the output
+            self.text = self.text[: min(hits)]  # the earliest stop string wins; it is not part of the output
             return self._emit(len(self.text)), True
-        return self._emit(len(text) - self._held_back(text)), False
+        return self._emit(len(self.text) - self._held_back(self.text)), False
 
     def flush(self) -> str:
         """Everything not yet emitted (the request is finished for another reason than a stop string)."""

@@ -7,6 +7,7 @@ is one forward pass over all running rows, whatever adapter each row uses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import deque
@@ -45,7 +46,9 @@ class GenerationRequest:
     adapter: str  # an adapter name or BASE
     prompt_ids: list[int]
     params: SamplingParams
-    on_event: Callable[[Event], None]  # called on the model thread; must be quick and thread-safe
+    on_event: Callable[[Event], None]  # called on `loop`'s thread (on the model thread when loop is None)
+    loop: asyncio.AbstractEventLoop | None = None
+    incremental: bool = True  # text events per token (streaming); False: one event with all the text at the end
     cancelled: bool = False
     completion_tokens: int = 0
     next_token: int = -1
@@ -85,6 +88,7 @@ class Scheduler:
         self._waiting: deque[GenerationRequest] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._retiring: set[str] = set()
+        self._outbox: list[tuple[GenerationRequest, Event]] = []  # delivered once per step, not once per token
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="prefixtune-model", daemon=True)
@@ -98,6 +102,10 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self.rows)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()
@@ -158,11 +166,31 @@ class Scheduler:
             except Exception as exc:  # a bug or out of memory: fail these requests, keep serving
                 log.exception("model step failed")
                 for request in self.rows + admitted:
-                    request.on_event(Event(error=f"generation failed: {exc}"))
+                    self._emit(request, Event(error=f"generation failed: {exc}"))
                 self.rows = []
                 self.batch.keep([])
+            self._deliver()
         for request in self.rows + list(self._waiting):
-            request.on_event(Event(error="the server is shutting down"))
+            self._emit(request, Event(error="the server is shutting down"))
+        self._deliver()
+
+    def _emit(self, request: GenerationRequest, event: Event) -> None:
+        self._outbox.append((request, event))
+
+    def _deliver(self) -> None:
+        """Hand this step's events over: one wake-up per event loop, however many rows had news."""
+        by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[GenerationRequest, Event]]] = {}
+        for request, event in self._outbox:
+            by_loop.setdefault(request.loop, []).append((request, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            if loop is None:
+                _dispatch(items)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_dispatch, items)
+                except RuntimeError:  # that loop is closed: nobody is listening any more
+                    pass
 
     def _admit(self) -> list[GenerationRequest]:
         with self._wake:
@@ -182,7 +210,7 @@ class Scheduler:
                 if request.cancelled:
                     continue
                 if request.adapter != BASE and request.adapter not in self.model.adapters:
-                    request.on_event(Event(error=f"adapter {request.adapter!r} was unloaded"))
+                    self._emit(request, Event(error=f"adapter {request.adapter!r} was unloaded"))
                     continue
                 if len(admitted) < free and (group is None or request.adapter == group):
                     admitted.append(request)
@@ -193,28 +221,35 @@ class Scheduler:
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         for request in requests:
-            request.stream = TextStream(self.tokenizer, request.params.stop)
+            request.stream = TextStream(self.tokenizer, request.params.stop, request.prompt_ids)
             request.generator = request.params.generator()
         logits = self.batch.prefill([r.prompt_ids for r in requests], [r.adapter for r in requests])
         self.rows.extend(requests)
         self.metrics.observe_batch("prefill", len(requests))
         self.metrics.add_tokens(prompt=sum(len(r.prompt_ids) for r in requests))
-        first = len(self.rows) - len(requests)
-        self._drop([first + i for i, r in enumerate(requests) if self._advance(r, logits[i])])
+        self._advance_all(requests, logits, first=len(self.rows) - len(requests))
 
     def _decode(self) -> None:
         tokens = torch.tensor([r.next_token for r in self.rows], dtype=torch.long)
         logits = self.batch.step(tokens)
         self.metrics.observe_batch("decode", len(self.rows))
-        self._drop([i for i, r in enumerate(self.rows) if self._advance(r, logits[i])])
+        self._advance_all(self.rows, logits, first=0)
 
-    def _advance(self, request: GenerationRequest, logits: torch.Tensor) -> bool:
-        """Sample the row's next token and report it; True when the request is finished."""
-        assert request.stream is not None and request.generator is not None
-        token = sample(logits, request.params, request.generator)
+    def _advance_all(self, requests: list[GenerationRequest], logits: torch.Tensor, first: int) -> None:
+        """Each request's next token from its logits row; finished rows leave the batch."""
+        greedy = logits.argmax(dim=-1).tolist()  # one call for all rows; sampled rows draw below
+        tokens = [
+            g if r.params.temperature <= 0.0 else sample(row, r.params, r.generator)  # type: ignore[arg-type]
+            for r, row, g in zip(requests, logits, greedy)
+        ]
+        self.metrics.add_tokens(completion=len(requests))
+        self._drop([first + i for i, (r, t) in enumerate(zip(requests, tokens)) if self._advance(r, t)])
+
+    def _advance(self, request: GenerationRequest, token: int) -> bool:
+        """Report the row's next token; True when the request is finished."""
+        assert request.stream is not None
         request.completion_tokens += 1
         request.next_token = token
-        self.metrics.add_tokens(completion=1)
         finish = None
         if token in self.eos_ids and not request.params.ignore_eos:
             finish, text = "stop", request.stream.flush()
@@ -225,15 +260,13 @@ class Scheduler:
                 finish = "stop"
             elif request.completion_tokens >= request.params.max_tokens:
                 finish, text = "length", text + request.stream.flush()
+        if not request.incremental:
+            text = request.stream.text if finish else ""
         if text or finish:
-            request.on_event(
-                Event(
-                    text=text,
-                    finish_reason=finish,
-                    prompt_tokens=len(request.prompt_ids),
-                    completion_tokens=request.completion_tokens,
-                )
+            event = Event(
+                text, finish, prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens
             )
+            self._emit(request, event)
         return finish is not None
 
     def _drop(self, indices: list[int]) -> None:
@@ -255,6 +288,11 @@ class Scheduler:
             if name != BASE and name in self.model.adapters:
                 self.model.delete_adapter(name)
                 log.info("adapter %s unloaded", name)
+
+
+def _dispatch(items: list[tuple[GenerationRequest, Event]]) -> None:
+    for request, event in items:
+        request.on_event(event)
 
 
 def _eos_ids(model: PrefixModel, tokenizer: Any) -> set[int]:
