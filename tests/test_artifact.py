@@ -179,3 +179,26 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(PrefixTuneError, match="No space left"):
         pm.save_adapter(path)
     assert _snapshot(path) == before  # no temp files left, old files intact
+
+
+def test_fingerprint_of_a_large_embedding() -> None:
+    """More than 2**24 embedding values (smollm2 has 28M): the sample indices must stay in range."""
+    from types import SimpleNamespace
+
+    from prefixtune.artifact import fingerprint
+
+    class Big(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(16_400, 1024)
+            self.config = SimpleNamespace(model_type="big")
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.embed
+
+    model = Big()
+    first = fingerprint(model, 2, 2, 8)
+    assert first == fingerprint(model, 2, 2, 8) and len(first["embedding_sha256"]) == 16
+    with torch.no_grad():
+        model.embed.weight[-1, -1] += 1.0  # the last value is in the sample
+    assert fingerprint(model, 2, 2, 8) != first
