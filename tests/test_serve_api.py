@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from serve_fixtures import LiveServer, continuation, oracle, save_adapters, solo_greedy, tiny_llama, tiny_tokenizer
 
 from prefixtune.model import BASE
 from prefixtune.serve import create_app
+from serve_fixtures import LiveServer, continuation, oracle, save_adapters, solo_greedy, tiny_llama, tiny_tokenizer
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 

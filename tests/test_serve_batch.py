@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve_fixtures import oracle, save_adapters, tiny_llama, tiny_tokenizer
 
 from prefixtune.model import BASE
 from prefixtune.serve.batch import RunningBatch
 from prefixtune.serve.sampling import SamplingParams, TextStream, sample
+from serve_fixtures import oracle, save_adapters, tiny_llama, tiny_tokenizer
 from tiny import ARCHITECTURES, tiny
 
 # (adapter, prompt ids, step at which the row joins); rows leave after N tokens, so joins and leaves interleave

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_fixtures import LiveServer, save_adapters, tiny_llama, tiny_tokenizer
 
 from prefixtune.serve import create_app
+from serve_fixtures import LiveServer, save_adapters, tiny_llama, tiny_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from serve_fixtures import LiveServer, save_adapters, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from prefixtune.serve import create_app
+from serve_fixtures import LiveServer, save_adapters, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -239,6 +239,13 @@ def test_client_leaving_mid_stream_frees_its_row(server: LiveServer) -> None:
     time.sleep(0.3)
     assert _gauge(server, "prefixtune_generation_tokens_total") - before == generated  # nothing more for it
     assert completion(server).status_code == 200  # and everyone else is still served
+
+
+def test_client_giving_up_on_a_non_streaming_request_frees_its_row(server: LiveServer) -> None:
+    body = {"model": "alpha", "prompt": "the cat", "max_tokens": 4000, **GREEDY}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+    _wait_for(lambda: _gauge(server, "prefixtune_running_requests") == 0)  # noticed within about a second
 
 
 def test_unknown_route_and_method(server: LiveServer) -> None:

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import httpx
-from serve_fixtures import WORDS, LiveServer, save_adapters, tiny_llama, tiny_tokenizer
 
 from prefixtune.serve import create_app
+from serve_fixtures import WORDS, LiveServer, save_adapters, tiny_llama, tiny_tokenizer
 
 REQUESTS, CONCURRENCY = 200, 32
 
