@@ -7,6 +7,11 @@ stock `sdpa` or `eager` kernel. The generation KV cache therefore only ever hold
 
 Which prefix each row gets lives on a `PrefixRouter` that the model's attention modules point to. The router
 holds a `PrefixBatch` only for the duration of one `PrefixModel.forward` / `generate` call.
+
+Encoder-decoder and encoder-only models go through the same function. The probe tells each attention module's
+role from what it is called with (no per-architecture code): "encoder" (bidirectional self-attention), "decoder"
+(causal self-attention) or "cross" (decoder queries over encoder keys). A kernel that adds a relative position
+bias (T5's `position_bias`) gets it widened with zeros: prefix columns carry no position.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from .errors import PrefixTuneError
 # Our implementation name for each stock kernel we wrap.
 PREFIX_IMPLEMENTATIONS = {"sdpa": "prefixtune_sdpa", "eager": "prefixtune_eager"}
 _ROUTE_ATTR = "_prefixtune_route"
+# Attention roles, in the order locations are listed: encoder self-, decoder self-, decoder cross-attention.
+ROLES = ("encoder", "decoder", "cross")
+# Probe lengths: different for encoder and decoder inputs, so a call's (query, key) lengths tell its role.
+_PROBE_ENCODER_TOKENS, _PROBE_DECODER_TOKENS = 3, 2
 
 
 @dataclass
@@ -34,26 +43,33 @@ class PrefixBatch:
     """Prefix keys/values for one batch, one row per batch row (rows may use different adapters).
 
     keys, values: (L, B, H_kv, P, D), P = the longest prefix in the batch; shorter ones are padded.
-    visible:      (B, P) bool, False for padding columns and for rows without a prefix.
+    visible:      (L, B, P) bool, False for padding columns and where a row's adapter has no prefix at a layer.
     offsets:      (B,) long, added to each row's position ids (the PEFT convention puts real tokens at P..P+T-1).
+    layers:       which layers any row has a prefix at (others are skipped); None = all.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     visible: torch.Tensor
     offsets: torch.Tensor
+    layers: frozenset[int] | None = None
 
     @property
     def rows(self) -> int:
-        return self.visible.shape[0]
+        return self.visible.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.visible.shape[2]
 
     def repeat_rows(self, times: int) -> PrefixBatch:
         """Each row repeated `times` times in place (generate's expansion for beams / num_return_sequences)."""
         return PrefixBatch(
             keys=self.keys.repeat_interleave(times, dim=1),
             values=self.values.repeat_interleave(times, dim=1),
-            visible=self.visible.repeat_interleave(times, dim=0),
+            visible=self.visible.repeat_interleave(times, dim=1),
             offsets=self.offsets.repeat_interleave(times, dim=0),
+            layers=self.layers,
         )
 
 
@@ -63,8 +79,25 @@ class PrefixRouter:
 
     layer_of: dict[int, int] = field(default_factory=dict)  # id(attention module) -> prefix layer index
     batch: PrefixBatch | None = None
-    # When a list: attention calls append (module, key, value) here instead of using a prefix.
-    recording: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None = None
+    # When a list: attention calls append (module, query length, key, value) here instead of using a prefix.
+    recording: list[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] | None = None
+    _expanded: tuple[PrefixBatch, PrefixBatch] | None = None  # (batch, batch with rows repeated)
+
+    def batch_for(self, rows: int) -> PrefixBatch:
+        """The current batch for a call with `rows` rows: generate repeats each input row for beams and
+        num_return_sequences (an encoder-decoder runs its encoder on B rows and its decoder on B * beams)."""
+        batch = self.batch
+        assert batch is not None
+        if rows == batch.rows:
+            return batch
+        if self._expanded is not None and self._expanded[0] is batch and self._expanded[1].rows == rows:
+            return self._expanded[1]
+        if batch.rows == 0 or rows % batch.rows:
+            raise PrefixTuneError(
+                f"the batch has {rows} rows but the prefix selection has {batch.rows}; pass one adapter name per row"
+            )
+        self._expanded = (batch, batch.repeat_rows(rows // batch.rows))
+        return self._expanded[1]
 
 
 def _eager_kernel(module: nn.Module) -> Callable[..., Any]:
@@ -77,20 +110,28 @@ def _eager_kernel(module: nn.Module) -> Callable[..., Any]:
     return kernel
 
 
-def _causal_mask(q_len: int, kv_len: int, rows: int, device: torch.device) -> torch.Tensor:
-    """(rows, 1, q_len, kv_len) bool, bottom-right aligned: what a skipped (None) causal mask means."""
+def _implicit_mask(q_len: int, kv_len: int, rows: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """(rows, 1, q_len, kv_len) bool: what a skipped (None) mask means; causal ones are bottom-right aligned."""
+    if not causal:
+        return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(rows, 1, q_len, kv_len)
     i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
     j = torch.arange(kv_len, device=device)[None, :]
     return (j <= i)[None, None].expand(rows, 1, q_len, kv_len)
 
 
 def _widen_mask(
-    mask: torch.Tensor | None, visible: torch.Tensor, q_len: int, kv_len: int, dtype: torch.dtype, eager: bool
+    mask: torch.Tensor | None,
+    visible: torch.Tensor,
+    q_len: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    eager: bool,
+    causal: bool,
 ) -> torch.Tensor:
     """Prepend the prefix columns to a 4D mask. Bool masks: True = attend; float masks: additive (0 or min)."""
     rows, p = visible.shape
     if mask is None:
-        mask = _causal_mask(q_len, kv_len, rows, visible.device)
+        mask = _implicit_mask(q_len, kv_len, rows, causal, visible.device)
         if eager:
             mask = torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~mask, torch.finfo(dtype).min)
     mask = mask.expand(rows, -1, -1, -1)
@@ -116,22 +157,21 @@ def _make_prefix_attention(base: str) -> Callable[..., Any]:
         kernel = _eager_kernel(module) if eager else sdpa_attention_forward
         router: PrefixRouter | None = module.__dict__.get(_ROUTE_ATTR)
         if router is not None and router.recording is not None:
-            router.recording.append((module, key.detach(), value.detach()))
-        elif router is not None and router.batch is not None and router.batch.visible.shape[1] > 0:
-            batch = router.batch
+            router.recording.append((module, query.shape[2], key.detach(), value.detach()))
+        elif router is not None and router.batch is not None and router.batch.width > 0:
             layer = router.layer_of[id(module)]
-            if batch.rows != key.shape[0]:
-                raise PrefixTuneError(
-                    f"the batch has {key.shape[0]} rows but the prefix selection has {batch.rows}; "
-                    "pass one adapter name per row"
+            batch = router.batch_for(key.shape[0])
+            if batch.layers is None or layer in batch.layers:
+                causal = kwargs.get("is_causal")
+                causal = getattr(module, "is_causal", True) if causal is None else causal
+                attention_mask = _widen_mask(
+                    attention_mask, batch.visible[layer], query.shape[2], key.shape[2], query.dtype, eager, causal
                 )
-            prefix_k = batch.keys[layer].to(key.dtype)  # (B, H_kv, P, D)
-            prefix_v = batch.values[layer].to(value.dtype)
-            attention_mask = _widen_mask(
-                attention_mask, batch.visible, query.shape[2], key.shape[2], query.dtype, eager
-            )
-            key = torch.cat([prefix_k, key], dim=2)
-            value = torch.cat([prefix_v, value], dim=2)
+                bias = kwargs.get("position_bias")
+                if isinstance(bias, torch.Tensor) and bias.shape[-1] == key.shape[2]:  # T5: (B|1, H, T, S)
+                    kwargs["position_bias"] = nn.functional.pad(bias, (batch.width, 0))  # no bias on the prefix
+                key = torch.cat([batch.keys[layer].to(key.dtype), key], dim=2)  # (B, H_kv, P + S, D)
+                value = torch.cat([batch.values[layer].to(value.dtype), value], dim=2)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention
@@ -166,9 +206,10 @@ def restore_implementation(model: nn.Module, base: str) -> None:
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """What the probe saw: attention modules in call order and their key shape (H_kv, D)."""
+    """What the probe saw: attention modules in call order, each one's role, and their key shape (H_kv, D)."""
 
     modules: list[nn.Module]
+    roles: list[str]  # one of ROLES per module
     num_kv_heads: int
     head_dim: int
 
@@ -176,9 +217,50 @@ class LayerLayout:
     def num_layers(self) -> int:
         return len(self.modules)
 
+    @property
+    def locations(self) -> tuple[str, ...]:
+        """The roles this model has, in ROLES order: ("decoder",) for a causal LM, ("encoder",) for BERT."""
+        return tuple(r for r in ROLES if r in self.roles)
+
+    def layers_of(self, locations: tuple[str, ...]) -> list[int]:
+        """Indices (in call order) of the attention modules with one of these roles."""
+        return [i for i, role in enumerate(self.roles) if role in locations]
+
+    def split(self, kv: torch.Tensor, locations: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """A prefix over `layers_of(locations)` (L_cov, ...) -> one (L_loc, ...) tensor per location."""
+        roles = [self.roles[i] for i in self.layers_of(locations)]
+        return {loc: kv[[j for j, role in enumerate(roles) if role == loc]] for loc in locations}
+
+    def join(self, parts: dict[str, torch.Tensor], locations: tuple[str, ...]) -> torch.Tensor:
+        """The inverse of `split`: per-location tensors -> one prefix over `layers_of(locations)`."""
+        next_row, start = {}, 0  # each location's next row in the concatenation below
+        for loc in locations:
+            next_row[loc], start = start, start + parts[loc].shape[0]
+        index = []
+        for i in self.layers_of(locations):
+            index.append(next_row[self.roles[i]])
+            next_row[self.roles[i]] += 1
+        return torch.cat([parts[loc] for loc in locations])[index]
+
+
+def _model_inputs(model: nn.Module, ids: torch.Tensor, decoder_ids: torch.Tensor) -> dict[str, Any]:
+    """Inputs for a recording forward; only an encoder-decoder model reads `decoder_ids`."""
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = decoder_ids
+    return inputs
+
+
+def _role(module: nn.Module, query_len: int, key_len: int, encoder_decoder: bool) -> str:
+    if query_len != key_len:
+        return "cross"  # decoder queries over encoder keys
+    if encoder_decoder:
+        return "encoder" if query_len == _PROBE_ENCODER_TOKENS else "decoder"
+    return "decoder" if getattr(module, "is_causal", True) else "encoder"
+
 
 def probe_attention_layers(model: nn.Module, router: PrefixRouter) -> LayerLayout:
-    """Run a 2-token forward with a recording attention function to find every attention call and its shape.
+    """Run a tiny forward with a recording attention function to find every attention call, its role and shape.
 
     This is how a model whose attention does not go through the interface is detected: nothing is recorded.
     """
@@ -188,16 +270,20 @@ def probe_attention_layers(model: nn.Module, router: PrefixRouter) -> LayerLayou
     router.recording = []
     try:
         device = next(model.parameters()).device
+        ids = torch.zeros((1, _PROBE_ENCODER_TOKENS), dtype=torch.long, device=device)
         with torch.no_grad():
-            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+            model(**_model_inputs(model, ids, ids[:, :_PROBE_DECODER_TOKENS]))
         seen = router.recording
     finally:
         router.recording = None
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     modules: list[nn.Module] = []
+    roles: list[str] = []
     shapes: set[tuple[int, int]] = set()
-    for module, key, _ in seen:
+    for module, query_len, key, _ in seen:
         if all(module is not m for m in modules):
             modules.append(module)
+            roles.append(_role(module, query_len, key.shape[2], encoder_decoder))
             shapes.add((key.shape[1], key.shape[3]))
     for module in candidates:
         if all(module is not m for m in modules):
@@ -209,12 +295,12 @@ def probe_attention_layers(model: nn.Module, router: PrefixRouter) -> LayerLayou
         )
     if len(shapes) != 1:
         raise PrefixTuneError(
-            f"{type(model).__name__} has attention layers with different key shapes {sorted(shapes)}; "
-            "prefixtune needs one (num_kv_heads, head_dim) for all layers"
+            f"{type(model).__name__} has attention layers with different key shapes {sorted(shapes)} "
+            "(e.g. encoder and decoder head counts differ); prefixtune needs one (num_kv_heads, head_dim) for all"
         )
     router.layer_of = {id(m): i for i, m in enumerate(modules)}
     (num_kv_heads, head_dim) = shapes.pop()
-    return LayerLayout(modules=modules, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return LayerLayout(modules=modules, roles=roles, num_kv_heads=num_kv_heads, head_dim=head_dim)
 
 
 def detach_router(layout: LayerLayout) -> None:
@@ -224,17 +310,21 @@ def detach_router(layout: LayerLayout) -> None:
 
 @torch.no_grad()
 def record_key_values(model: nn.Module, router: PrefixRouter, input_ids: torch.Tensor) -> torch.Tensor:
-    """The frozen model's post-RoPE keys/values for `input_ids` (1, T): (L, 2, H_kv, T, D), no prefix applied."""
+    """The frozen model's keys/values for `input_ids` (1, T): (L, 2, H_kv, T, D), no prefix applied.
+
+    Post-RoPE for decoders. An encoder-decoder reads `input_ids` on both sides, so cross-attention keys are the
+    encoder's outputs for the same text.
+    """
     saved, router.batch, router.recording = router.batch, None, []
     was_training = model.training
     model.eval()  # no dropout in the activations we copy
     try:
-        model(input_ids=input_ids, use_cache=False)
+        model(**_model_inputs(model, input_ids, input_ids))
         seen = router.recording
     finally:
         router.batch, router.recording = saved, None
         model.train(was_training)
     by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, key, value in seen:
+    for module, _, key, value in seen:
         by_layer.setdefault(router.layer_of[id(module)], (key[0], value[0]))
     return torch.stack([torch.stack(by_layer[i]) for i in range(len(router.layer_of))]).float()

@@ -2,6 +2,10 @@
 
 `PrefixModel` owns the adapters (one `PrefixEncoder` each) and, for each call, builds the per-row prefix batch
 that the attention function (attention.py) reads. The base model's weights never change and never train.
+
+Causal LMs, encoder-decoder models (BART, T5: prefixes on encoder self-, decoder self- and cross-attention, each
+switchable with `PrefixConfig.locations`) and encoder classifiers (BERT: P-tuning v2, with a trainable copy of
+the classifier head per adapter, `PrefixConfig.head`) all go through the same calls.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,6 +23,7 @@ from torch import nn
 
 from . import artifact
 from .attention import (
+    ROLES,
     PrefixBatch,
     PrefixRouter,
     detach_router,
@@ -27,6 +33,8 @@ from .attention import (
     route_through_prefix,
 )
 from .errors import PrefixTuneError
+from .locations import describe_layers, resolve, saved_parts
+from .methods.head import copy_head, route_rows
 from .methods.prefix import PrefixConfig, PrefixEncoder
 
 BASE = "__base__"  # in adapter_names: this row uses no prefix (PEFT's convention)
@@ -43,7 +51,7 @@ def check_adapter_name(name: str) -> str:
 
 
 class PrefixModel(nn.Module):
-    """A base causal LM plus named prefixes. Build it with `prefixtune.attach` or `prefixtune.load_adapter`."""
+    """A base model plus named prefixes. Build it with `prefixtune.attach` or `prefixtune.load_adapter`."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__()
@@ -52,6 +60,9 @@ class PrefixModel(nn.Module):
         self.base_model = model
         self.tokenizer = tokenizer
         self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()  # adapter name -> its trainable copy of the task head (methods/head.py)
+        self._head_hooks: dict[str, Any] = {}  # head module name -> hook handle
+        self._row_names: list[str] | None = None  # adapter names of the current call's rows
         self.active_adapter: str | None = None
         self.router = PrefixRouter()
         self._stock_implementation = route_through_prefix(model)
@@ -91,10 +102,17 @@ class PrefixModel(nn.Module):
         if name in self.adapters:
             raise PrefixTuneError(f"adapter {name!r} already exists; pick another name or delete_adapter it first")
         if isinstance(config_or_path, PrefixConfig):
-            encoder = self._new_encoder(config_or_path)
+            encoder, head_state = self._new_encoder(resolve(self.base_model, self.layout, config_or_path)), None
         else:
-            encoder = self._load_encoder(config_or_path, force=force)
+            encoder, head_state = self._load_encoder(config_or_path, force=force)
         device = next(self.base_model.parameters()).device
+        head = encoder.config.head
+        if head is not None:
+            self.heads[name] = copy_head(self.base_model, head, head_state).to(device)
+            if head not in self._head_hooks:
+                hook = route_rows(self.heads, partial(self._rows_with_head, head))
+                module = self.base_model.get_submodule(head)
+                self._head_hooks[head] = module.register_forward_hook(hook, with_kwargs=True)
         self.adapters[name] = encoder.to(device)
         if self.active_adapter is None:
             self.active_adapter = name
@@ -103,6 +121,8 @@ class PrefixModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         self._require(name)
         del self.adapters[name]
+        if name in self.heads:
+            del self.heads[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
 
@@ -115,22 +135,38 @@ class PrefixModel(nn.Module):
     def adapter_config(self, name: str | None = None) -> PrefixConfig:
         return self.adapters[self._require(name or self.active_adapter)].config
 
+    def _rows_with_head(self, head: str) -> list[str] | None:
+        """The current rows' adapter names, BASE for rows whose adapter has no copy of module `head`."""
+        if self._row_names is None:
+            return None
+        return [n if n in self.heads and self.adapters[n].config.head == head else BASE for n in self._row_names]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters that train: those of the prefixes, never the base model's."""
-        return [p for p in self.adapters.parameters() if p.requires_grad]
+        """The parameters that train: the prefixes' and their heads' copies, never the base model's."""
+        return [p for p in [*self.adapters.parameters(), *self.heads.parameters()] if p.requires_grad]
 
     def save_adapter(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        """Save one adapter (the active one by default) in PEFT's prefix-tuning format."""
-        encoder = self.adapters[self._require(name or self.active_adapter)]
+        """Save one adapter (the active one by default) in PEFT's prefix-tuning format (docs/seq2seq.md)."""
+        name = self._require(name or self.active_adapter)
+        encoder = self.adapters[name]
+        parts = self.layout.split(encoder.collapsed(), encoder.config.locations)
+        head = {k: v.detach() for k, v in self.heads[name].state_dict().items()} if name in self.heads else None
         base = artifact.model_name(self.base_model)
-        artifact.save_prefix(path, encoder.collapsed(), encoder.config, self.fingerprint, base)
+        encoder_decoder = "cross" in self.layout.locations or _is_encoder_decoder(self.base_model)
+        artifact.save_prefix(
+            path, parts, encoder.config, self.fingerprint, base, encoder_decoder=encoder_decoder, head=head
+        )
 
     def detach(self) -> nn.Module:
         """Remove every prefix and give back the base model as it was (attention implementation included)."""
         self._hook.remove()
+        for hook in self._head_hooks.values():
+            hook.remove()
+        self._head_hooks = {}
         detach_router(self.layout)
         restore_implementation(self.base_model, self._stock_implementation)
         self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
         return self.base_model
 
     def _require(self, name: str | None) -> str:
@@ -141,12 +177,14 @@ class PrefixModel(nn.Module):
     def _new_encoder(self, config: PrefixConfig) -> PrefixEncoder:
         lay = self.layout
         init_kv = self._initial_kv(config)
-        return PrefixEncoder(config, lay.num_layers, lay.num_kv_heads, lay.head_dim, init_kv)
+        return PrefixEncoder(config, init_kv.shape[0], lay.num_kv_heads, lay.head_dim, init_kv)
 
     def _initial_kv(self, config: PrefixConfig) -> torch.Tensor:
+        """(L_cov, 2, H_kv, P, D) over the layers at the config's locations."""
         lay, p = self.layout, config.num_virtual_tokens
+        layers = lay.layers_of(config.locations or ROLES)
         if config.init == "random" or p == 0:
-            return torch.randn(lay.num_layers, 2, lay.num_kv_heads, p, lay.head_dim)
+            return torch.randn(len(layers), 2, lay.num_kv_heads, p, lay.head_dim)
         device = next(self.base_model.parameters()).device
         if config.init == "vocab":
             vocab = self.base_model.get_input_embeddings().weight.shape[0]
@@ -161,17 +199,23 @@ class PrefixModel(nn.Module):
                 raise PrefixTuneError(f"init_text {config.init_text!r} has no tokens")
             ids = torch.tensor(text_ids * (p // len(text_ids) + 1))[:p].unsqueeze(0)
         with self._selected([BASE], rows=1):
-            return record_key_values(self.base_model, self.router, ids.to(device)).cpu()
+            return record_key_values(self.base_model, self.router, ids.to(device))[layers].cpu()
 
-    def _load_encoder(self, path: str | os.PathLike[str], force: bool) -> PrefixEncoder:
+    def _load_encoder(
+        self, path: str | os.PathLike[str], force: bool
+    ) -> tuple[PrefixEncoder, dict[str, torch.Tensor] | None]:
+        """A saved prefix as a new adapter, and its head's saved weights (if it has a head)."""
         saved = artifact.read_prefix(path)
         lay = self.layout
-        _, _, heads, _, dim = saved.kv.shape
         here = artifact.model_name(self.base_model)
-        if (saved.kv.shape[0], heads, dim) != (lay.num_layers, lay.num_kv_heads, lay.head_dim):
+        parts = saved_parts(saved, self.base_model, self.layout)
+        _, _, heads, _, dim = next(iter(parts.values())).shape
+        theirs = {loc: kv.shape[0] for loc, kv in parts.items()}
+        ours = {loc: len(lay.layers_of((loc,))) for loc in parts}
+        if theirs != ours or (heads, dim) != (lay.num_kv_heads, lay.head_dim):
             raise PrefixTuneError(
-                f"adapter {saved.path} was made for {saved.base} ({saved.kv.shape[0]} layers, {heads} KV heads, "
-                f"head dim {dim}); this model {here} has {lay.num_layers} layers, {lay.num_kv_heads} KV heads, "
+                f"adapter {saved.path} was made for {saved.base} ({describe_layers(theirs)}, {heads} KV heads, "
+                f"head dim {dim}); this model {here} has {describe_layers(ours)}, {lay.num_kv_heads} KV heads, "
                 f"head dim {lay.head_dim}"
             )
         if saved.base_fingerprint is not None and saved.base_fingerprint != self.fingerprint and not force:
@@ -181,8 +225,11 @@ class PrefixModel(nn.Module):
                 f"({self.fingerprint['embedding_sha256']}); pass force=True (--force) to load it anyway"
             )
         # A saved prefix is the collapsed direct form; it keeps training as such.
-        config = replace(saved.config, reparameterize=False)
-        return PrefixEncoder(config, lay.num_layers, lay.num_kv_heads, lay.head_dim, saved.kv)
+        head = saved.config.head if saved.head is not None else None
+        config = replace(saved.config, reparameterize=False, locations=tuple(parts), head=head)
+        config = resolve(self.base_model, lay, config)
+        kv = lay.join(parts, config.locations)
+        return PrefixEncoder(config, kv.shape[0], lay.num_kv_heads, lay.head_dim, kv), saved.head
 
     # ----- calls --------------------------------------------------------------------------------------------
 
@@ -205,13 +252,15 @@ class PrefixModel(nn.Module):
         if self.router.batch is not None:
             raise PrefixTuneError("PrefixModel calls cannot be nested")
         self.router.batch = self.prefix_batch(adapter_names, rows)
+        self._row_names = list(adapter_names) if adapter_names is not None else [self.active_adapter or BASE] * rows
         try:
             yield
         finally:
             self.router.batch = None
+            self._row_names = None
 
     def prefix_batch(self, adapter_names: Sequence[str] | None, rows: int) -> PrefixBatch:
-        """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (B, P_max), offsets (B,)."""
+        """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,)."""
         if adapter_names is None:
             adapter_names = [self.active_adapter or BASE] * rows
         if isinstance(adapter_names, str):
@@ -224,13 +273,23 @@ class PrefixModel(nn.Module):
             raise PrefixTuneError(f"unknown adapter names {unknown}; this model has {self.adapter_names} and {BASE!r}")
         lay = self.layout
         used = [n for n in dict.fromkeys(names) if n != BASE]
-        kvs = {n: self.adapters[n]() for n in used}  # each (L, 2, H, P_n, D), computed once per call
+        kvs = {n: self.adapters[n]() for n in used}  # each (L_n, 2, H, P_n, D), computed once per call
         lengths = {n: kv.shape[3] for n, kv in kvs.items()}
+        layers = {n: lay.layers_of(self.adapters[n].config.locations or ROLES) for n in used}
         width = max(lengths.values(), default=0)
         device = next(self.base_model.parameters()).device
-        empty = torch.zeros(lay.num_layers, 2, lay.num_kv_heads, width, lay.head_dim, device=device)
+        full = torch.zeros(lay.num_layers, 2, lay.num_kv_heads, width, lay.head_dim, device=device)
+        columns = torch.arange(width, device=device)
         # One padded bank entry per used adapter (+ an empty one for BASE), then one gather for all rows.
-        bank = [nn.functional.pad(kvs[n], (0, 0, 0, width - lengths[n])) for n in used] + [empty]
+        bank, seen = [], []
+        for n in used:
+            kv = nn.functional.pad(kvs[n], (0, 0, 0, width - lengths[n]))
+            at = torch.zeros(lay.num_layers, dtype=torch.bool, device=device)
+            at[layers[n]] = True
+            bank.append(kv if len(layers[n]) == lay.num_layers else full.index_copy(0, _index(layers[n], device), kv))
+            seen.append(at[:, None] & (columns < lengths[n])[None, :])  # (L, P_max)
+        bank.append(full)
+        seen.append(torch.zeros(lay.num_layers, width, dtype=torch.bool, device=device))
         slot = {n: i for i, n in enumerate(used)} | {BASE: len(used)}
         index = torch.tensor([slot[n] for n in names], device=device)
         stacked = torch.stack(bank)[index]  # (B, L, 2, H, P_max, D)
@@ -238,23 +297,20 @@ class PrefixModel(nn.Module):
         peft_rows = torch.tensor(
             [n != BASE and self.adapters[n].config.position_convention == "peft" for n in names], device=device
         )
+        covered = frozenset(i for n in used for i in layers[n])
         return PrefixBatch(
             keys=stacked[:, :, 0].transpose(0, 1),
             values=stacked[:, :, 1].transpose(0, 1),
-            visible=torch.arange(width, device=device)[None, :] < row_len[:, None],
+            visible=torch.stack(seen)[index].transpose(0, 1),  # (L, B, P_max)
             offsets=torch.where(peft_rows, row_len, torch.zeros_like(row_len)),
+            layers=None if len(covered) == lay.num_layers else covered,
         )
 
     def _offset_positions(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Forward pre-hook on the base model: expand the prefix batch for beams and shift position ids."""
-        batch = self.router.batch
-        if batch is None:
-            return None
-        rows = _batch_rows(args, kwargs)
-        if rows != batch.rows and batch.rows and rows % batch.rows == 0:
-            batch = self.router.batch = batch.repeat_rows(rows // batch.rows)
-        if not bool(batch.offsets.any()):
-            return None
+        if self.router.batch is None or not bool(self.router.batch.offsets.any()):
+            return None  # also every encoder and encoder-decoder model: their prefixes have no positions
+        batch = self.router.batch_for(_batch_rows(args, kwargs))
         reference = args[0] if args else kwargs.get("input_ids")
         if reference is None:
             reference = kwargs["inputs_embeds"]
@@ -268,19 +324,32 @@ class PrefixModel(nn.Module):
         return args, kwargs
 
 
+_ROW_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
+
 def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+    for value in (*args[:1], *(kwargs.get(k) for k in _ROW_INPUTS)):
         if isinstance(value, torch.Tensor):
             return int(value.shape[0])
     raise PrefixTuneError("pass input_ids or inputs_embeds")
 
 
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
 def attach(
     model: nn.Module, config: PrefixConfig | None = None, name: str = "default", *, tokenizer: Any = None
 ) -> PrefixModel:
-    """Attach a new trainable prefix named `name` to a frozen transformers causal LM.
+    """Attach a new trainable prefix named `name` to a frozen transformers model.
 
-    The tokenizer is needed only for `init="text"` (and bounds the sampled ids for `init="vocab"`).
+    Causal LMs, encoder-decoder models (`...ForConditionalGeneration`) and encoders (`...ForSequenceClassification`:
+    the classifier head trains with the prefix, see `PrefixConfig.head`). The tokenizer is needed only for
+    `init="text"` (and bounds the sampled ids for `init="vocab"`).
     """
     wrapped = model if isinstance(model, PrefixModel) else PrefixModel(model, tokenizer=tokenizer)
     if tokenizer is not None:

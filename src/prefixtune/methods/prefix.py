@@ -19,6 +19,8 @@ from ..errors import PrefixTuneError
 
 Init = Literal["random", "vocab", "text"]
 PositionConvention = Literal["peft", "zero"]
+# Where a prefix can go: encoder self-attention, decoder self-attention, decoder cross-attention (over the encoder).
+LOCATIONS = ("encoder", "decoder", "cross")
 
 
 @dataclass
@@ -32,8 +34,16 @@ class PrefixConfig:
                         vocabulary tokens) or "text" (its keys/values for `init_text`: real-word activations).
     init_text:          the text for init="text", e.g. "table-to-text:"; tiled or cut to P tokens.
     position_convention: "peft" puts real tokens at positions P..P+T-1 (PEFT and the original code);
-                        "zero" keeps them at 0..T-1.
+                        "zero" keeps them at 0..T-1. Decoder-only models only: encoder and encoder-decoder
+                        models compute their positions inside the model, so their prefixes always use "zero".
     dropout:            dropout on the prefix keys/values during training.
+    locations:          which attention gets a prefix: any of "encoder" (encoder self-attention, also BERT-style
+                        models), "decoder" (decoder self-attention, also causal LMs), "cross" (decoder
+                        cross-attention over the encoder). None: every kind the model has (Li & Liang's three
+                        for BART/T5). Naming one the model lacks is an error.
+    head:               a module that trains with the prefix, one copy per adapter (P-tuning v2's classifier):
+                        "auto" picks `classifier` or `score` when the model has one, None trains no head, or a
+                        dotted module name.
     """
 
     num_virtual_tokens: int = 20
@@ -43,8 +53,18 @@ class PrefixConfig:
     init_text: str | None = None
     position_convention: PositionConvention = "peft"
     dropout: float = 0.0
+    locations: tuple[str, ...] | None = None
+    head: str | None = "auto"
 
     def __post_init__(self) -> None:
+        if self.locations is not None:
+            if isinstance(self.locations, str) or not all(loc in LOCATIONS for loc in self.locations):
+                raise PrefixTuneError(f"locations must be a list drawn from {list(LOCATIONS)}, got {self.locations!r}")
+            if not self.locations:
+                raise PrefixTuneError(f"locations must name at least one of {list(LOCATIONS)} (or be None for all)")
+            self.locations = tuple(loc for loc in LOCATIONS if loc in self.locations)
+        if self.head is not None and (not isinstance(self.head, str) or not self.head):
+            raise PrefixTuneError(f"head must be 'auto', a module name or None, got {self.head!r}")
         if self.init_text is not None and self.init == "vocab":
             self.init = "text"
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 0:
