@@ -68,7 +68,9 @@ class PromptModel(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.prompts.keys())
 
-    def add_adapter(self, name: str, config_or_path: PromptConfig | str | os.PathLike[str], *, force: bool = False):
+    def add_adapter(
+        self, name: str, config_or_path: PromptConfig | str | os.PathLike[str], *, force: bool = False
+    ) -> PromptModel:
         """Add a new soft prompt from a `PromptConfig`, or load a saved one (ours or PEFT's) from a directory."""
         check_adapter_name(name)
         if name in self.prompts:
