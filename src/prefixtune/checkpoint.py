@@ -73,14 +73,17 @@ def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
         state = torch.load(directory / STATE, weights_only=True)
     except Exception as e:
         raise PrefixTuneError(f"{directory}: unreadable checkpoint ({e})") from None
+    restore_trainable(model, tensors, where=str(directory))
+    return state
+
+
+def restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Copy saved trainable tensors (name -> tensor) into `model`'s trainable parameters; names must match."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
-        raise PrefixTuneError(f"{directory}: checkpoint tensors do not match this run's trainable parameters")
+        raise PrefixTuneError(f"{where}: checkpoint tensors do not match this run's trainable parameters")
     with torch.no_grad():
         for name, tensor in tensors.items():
             if params[name].shape != tensor.shape:
-                raise PrefixTuneError(
-                    f"{directory}: {name} is {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
-                )
+                raise PrefixTuneError(f"{where}: {name} is {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    return state

@@ -29,7 +29,13 @@ def _add_train(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", help=helps["model"])
-    p.add_argument("--data", help=helps["data"])
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="[TASK=]DATA",
+        help="built-in set (e2e, xsum, multiemo), .jsonl/.csv or hf:NAME; repeat as TASK=DATA to train one prefix "
+        "per task in one run (saved in OUT/TASK/); a file whose records carry `task` does the same",
+    )
     p.add_argument("--out", help=helps["out"])
     p.add_argument("--method", help=helps["method"] + " (prefix, prompt, lora, adapter, lora+prefix, full)")
     p.add_argument("--task", choices=["generate", "classify"], help=helps["task"])
@@ -93,8 +99,15 @@ def _run_train(args: argparse.Namespace) -> int:
         "total_params": result.total_params,
         "train_seconds": round(result.train_seconds, 2),
     }
-    print(json.dumps(summary))
+    if result.tasks is not None:
+        summary["tasks"] = result.tasks
+    if _rank() == 0:  # under torchrun / accelerate launch every process returns here; one summary is enough
+        print(json.dumps(summary))
     return 0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _add_eval(sub: Any) -> None:
@@ -387,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         return RUNNERS[args.command](args)
     except PrefixTuneError as e:
-        print(f"prefixtune: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # several processes raise the same error together (distributed.py): say it once
+            print(f"prefixtune: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("prefixtune: interrupted", file=sys.stderr)

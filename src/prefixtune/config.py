@@ -18,7 +18,13 @@ class TrainConfig:
     """Everything `prefixtune train` needs; the run directory records the resolved copy as config.yaml."""
 
     model: str = field(default="smollm2-135m", metadata={"help": "built-in alias, HF id, local dir or .gguf file"})
-    data: str = field(default="e2e", metadata={"help": "built-in set (e2e, xsum, multiemo), .jsonl/.csv or hf:NAME"})
+    data: str | dict[str, str] = field(
+        default="e2e",
+        metadata={
+            "help": "built-in set (e2e, xsum, multiemo), .jsonl/.csv or hf:NAME; several tasks: NAME=PATH,... "
+            "(one prefix per task, saved in OUT/NAME/; a file whose records carry `task` also trains one per task)"
+        },
+    )
     out: str = field(default="runs/prefix", metadata={"help": "run directory: adapter, metrics, checkpoints"})
     method: str = field(default="prefix", metadata={"help": "parameter-efficient method to train"})
     task: str = field(default="generate", metadata={"help": "generate (seq2seq text) or classify (label words)"})
@@ -72,6 +78,7 @@ class TrainConfig:
             positive(name, allow_none=False)
         for name in ("max_steps", "eval_every", "save_every", "early_stop", "train_size", "eval_size", "lr"):
             positive(name)
+        self.data = parse_data(self.data)
         if not isinstance(self.options, dict):
             raise PrefixTuneError("options must be a mapping of method option: value")
         if self.task not in ("generate", "classify"):
@@ -85,6 +92,43 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def parse_data(raw: Any) -> str | dict[str, str]:
+    """`data` as one data set (a string) or tasks (task name -> data set).
+
+    Accepts a string, a mapping (YAML), or a list of CLI values: `PATH` alone, or `NAME=PATH` items (repeated
+    `--data` flags, or comma-separated in one `data=a=x.jsonl,b=y.jsonl` override). A string that names an
+    existing file is always a path, even with '=' in it. Task names are checked when the data is read.
+    """
+    if isinstance(raw, dict):
+        tasks = {str(k): v for k, v in raw.items()}
+        if not tasks:
+            raise PrefixTuneError("data: the mapping of task name -> data set is empty")
+        for name, spec in tasks.items():
+            if not isinstance(spec, str) or not spec:
+                raise PrefixTuneError(f"data: task {name!r} needs a data set (a path or a built-in name), got {spec!r}")
+        return tasks
+    if isinstance(raw, str):
+        if "=" in raw and not Path(raw).expanduser().exists():
+            items = raw.split(",") if all("=" in piece for piece in raw.split(",")) else [raw]
+        else:
+            items = [raw]
+    elif isinstance(raw, (list, tuple)) and raw and all(isinstance(item, str) for item in raw):
+        items = list(raw)
+    else:
+        raise PrefixTuneError(f"data must be a data set or a mapping of task name -> data set, got {raw!r}")
+    pairs = [item.partition("=") if not Path(item).expanduser().exists() else ("", "", item) for item in items]
+    if len(items) == 1 and not pairs[0][1]:
+        return items[0]
+    tasks: dict[str, str] = {}
+    for item, (name, sep, spec) in zip(items, pairs):
+        if not sep or not spec:
+            raise PrefixTuneError(f"data: {item!r} is not NAME=PATH; several data sets are tasks and need names")
+        if name in tasks:
+            raise PrefixTuneError(f"data: task {name!r} is given twice")
+        tasks[name] = spec
+    return tasks
+
+
 def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
@@ -95,6 +139,8 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     optional = type(None) in typing.get_args(hint)
+    if name == "data":
+        return parse_data(raw)
     if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
         if optional:
             return None

@@ -2,6 +2,19 @@
 
 Reproducible: the data order of epoch e is a function of (seed, e), and a checkpoint holds the RNG state, so a
 resumed run continues exactly where the interrupted one was.
+
+Several tasks in one run (tasks.py; one prefix each): every step takes each task's next micro-batch, the very
+one its own single-task run would take, and stacks them into one mixed batch whose rows name their adapter. The
+loss is the sum over tasks of each task's mean token loss (its summed token losses over its own target-token
+count), not one mean over all tokens, which would couple the tasks through the shared denominator. A row sees
+only its own task's prefix and the base is frozen, so each prefix gets exactly the gradient of its own run; with
+one AdamW parameter group, one schedule and one gradient clip per task, each prefix is updated as in its own run,
+up to floating-point rounding. Each task is initialized from the same RNG state as its own run, and keeps its
+own step count, validation and early stopping. Dropout (off by default) draws differently in a mixed batch.
+
+Several processes (distributed.py): every process builds the same global batch, computes the summed losses of
+its share of the rows over the global token counts, times the number of processes; DDP's gradient average then
+equals the single-process gradient of the global batch. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -23,11 +36,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluate
+from . import checkpoint, data, distributed, evaluate, mixed, tasks
 from .config import TrainConfig, save_config
 from .errors import PrefixTuneError
-from .methods.registry import build_method, method_spec, parameter_counts
+from .loss import causal_lm_loss
+from .methods.registry import build_method, method_spec, parameter_counts, trainable_state_dict
+from .mixed import TaskLoop
 
+__all__ = ["Interrupted", "TrainResult", "causal_lm_loss", "plot_losses", "read_metrics", "train"]
+
+NO_GAIN = "without improvement"
 # Settings that may change between an interrupted run and its --resume; everything else must match.
 RESUMABLE = {"max_steps", "epochs", "log_every", "eval_every", "save_every", "early_stop", "threads"}
 
@@ -46,6 +64,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     train_seconds: float
+    tasks: dict[str, dict[str, Any]] | None = None  # multi-task: name -> steps, best_val_loss, stopped_early
 
 
 def _schedule(cfg: TrainConfig, total: int) -> Any:
@@ -94,122 +113,186 @@ def train(
     progress: bool = True,
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> TrainResult:
-    """Train `cfg.method` on `cfg.data`; the run directory ends with the trained method, metrics, config, plot."""
+    """Train `cfg.method` on `cfg.data`; the run directory ends with the trained method(s), metrics, config, plot.
+
+    Multi-task data trains one adapter per task (saved in `OUT/<task>/`); under torchrun or `accelerate launch`
+    the processes share every global batch (see the module docstring).
+    """
+    runtime = distributed.start()
+    result = _train(cfg, runtime, resume, progress, model_and_tokenizer)
+    runtime.close()
+    return result
+
+
+def _train(
+    cfg: TrainConfig,
+    runtime: distributed.Runtime,
+    resume: bool,
+    progress: bool,
+    model_and_tokenizer: tuple[Any, Any] | None,
+) -> TrainResult:
     spec = method_spec(cfg.method)
-    out = _prepare_out(cfg, resume)
+    main = runtime.main
+    if runtime.distributed:  # before anything is read or written: every process must run the same job
+        runtime.agree("the training settings", {**cfg.to_dict(), "resume": resume})
+    out = runtime.together(lambda: _prepare_out(cfg, resume) if main else Path(cfg.out))
+    progress = progress and main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_examples = data.load_dataset(
-        cfg.data,
-        split=_split(cfg.train_split),
-        data_dir=cfg.data_dir,
-        source_field=cfg.source_field,
-        target_field=cfg.target_field,
-    )
-    pairs = data.training_pairs(train_examples)[: cfg.train_size]
-    if not pairs:
-        raise PrefixTuneError(f"{cfg.data}: no training examples in split {cfg.train_split!r}")
-    val_examples: list[data.Example] = []
-    if cfg.eval_every:
-        val_examples = data.load_dataset(
-            cfg.data,
-            split=_split(cfg.eval_split),
-            data_dir=cfg.data_dir,
-            source_field=cfg.source_field,
-            target_field=cfg.target_field,
-        )[: cfg.eval_size]
-        if not val_examples:
-            raise PrefixTuneError(f"{cfg.data}: split {cfg.eval_split!r} is empty; validation needs examples")
+    task_data, multitask = runtime.together(lambda: tasks.load_tasks(cfg))
+    if multitask and not spec.mixable:
+        raise PrefixTuneError(
+            f"method {cfg.method!r} cannot train several tasks in one run (a batch cannot mix its adapters); "
+            "use --method prefix or prompt, or train one task at a time"
+        )
+    if runtime.distributed:
+        runtime.agree("the training data", tasks.fingerprint(task_data))
     if model_and_tokenizer is None:  # data errors come first: they are cheaper to find than a model load
         from .sources import load_model
 
-        model_and_tokenizer = load_model(cfg.model)
-    base, tokenizer = model_and_tokenizer
-    encoded, stats = data.encode(pairs, tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template)
-    _say(progress, f"training data: {stats.describe()}")
+        def load() -> tuple[Any, Any]:
+            with distributed.main_first(runtime):  # process 0 fills the model cache before the others read it
+                return load_model(cfg.model)
 
+        model_and_tokenizer = runtime.together(load)
+    base, tokenizer = model_and_tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loops: list[TaskLoop] = []
+    for task in task_data:
+        encoded, stats = data.encode(task.train, tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template)
+        _say(progress, f"training data{f' of task {task.name}' if task.name else ''}: {stats.describe()}")
+        per_epoch = len(data.batches(encoded, cfg.batch_size, shuffle=False, pad_id=pad_id))
+        steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        loops.append(TaskLoop(task.name, encoded, task.validation, per_epoch, total))
+
+    init_rng = torch.get_rng_state()
     model = build_method(cfg.method, base, cfg.options, tokenizer)
+    if multitask:
+        mixed.add_task_adapters(model, cfg, loops, init_rng)
     trainable, total_params = parameter_counts(model)
     params = model.trainable_parameters()
     lr = cfg.lr or spec.default_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_epoch = len(data.batches(encoded, cfg.batch_size, shuffle=False, pad_id=pad_id))
-    steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
+    if multitask:
+        optimizer = torch.optim.AdamW([{"params": t.params} for t in loops], lr=lr, weight_decay=cfg.weight_decay)
+        factors = [_schedule(cfg, t.total_steps) for t in loops]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    else:
+        loops[0].params = params
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, loops[0].total_steps))
+    total_steps = max(t.total_steps for t in loops)
 
-    step, micro, best, bad_evals, elapsed = 0, 0, None, 0, 0.0
+    step, micro, elapsed = 0, 0, 0.0
     if resume:
-        state = checkpoint.load_checkpoint(out, model)
+        state = runtime.together(lambda: checkpoint.load_checkpoint(out, model) if main else None)
+        if runtime.distributed:  # process 0 read the checkpoint; the others get it from there (no shared disk)
+            tensors, state = runtime.broadcast((trainable_state_dict(model) if main else None, state))
+            if not main:
+                checkpoint.restore_trainable(model, tensors)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
-        step, micro, best, bad_evals = state["step"], state["micro"], state["best"], state["bad_evals"]
-        elapsed = state.get("elapsed", 0.0)
+        step, micro, elapsed = state["step"], state["micro"], state.get("elapsed", 0.0)
+        if multitask:
+            for t in loops:
+                saved = state["tasks"][t.name]
+                t.best, t.bad_evals, t.stopped, t.steps = (saved[k] for k in ("best", "bad_evals", "stopped", "steps"))
+        else:
+            loops[0].best, loops[0].bad_evals = state["best"], state["bad_evals"]
         _say(progress, f"resuming {out} at step {step}")
-    save_config(cfg, out / "config.yaml")
+    if main:
+        save_config(cfg, out / "config.yaml")
     metrics_path = out / "metrics.jsonl"
+    trained = model  # the unwrapped model: saved, checkpointed, returned
+    model = runtime.prepare(model, params)
 
     def snapshot() -> dict[str, Any]:
-        return {
+        state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": checkpoint.rng_state(),
             "step": step,
             "micro": micro,
-            "best": best,
-            "bad_evals": bad_evals,
+            "best": loops[0].best,
+            "bad_evals": loops[0].bad_evals,
             "elapsed": elapsed,
         }
+        if multitask:
+            state["tasks"] = {t.name: t.record() for t in loops}
+        return state
+
+    def save_checkpoint() -> None:
+        if main:
+            checkpoint.save_checkpoint(out, trained, snapshot())
+
+    def save_adapter(task: TaskLoop) -> None:
+        if not main:
+            return
+        if task.name is None:
+            trained.save_trained(out)
+        else:
+            trained.save_adapter(out / task.name, name=task.name)
 
     def log(record: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    epoch_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
+    simple = not multitask and not runtime.distributed  # the single-process path, exactly as it always was
 
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
-        epoch = index // per_epoch
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = data.batches(
-                encoded, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, pad_id=pad_id
-            )
-        return epoch_cache[epoch][index % per_epoch]
+    def autocast() -> Any:
+        if cfg.bf16:
+            return torch.autocast(runtime.device.type, dtype=torch.bfloat16)
+        return runtime.accelerator.autocast() if runtime.distributed else nullcontext()
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    stopped_early = False
+    window_by_task: dict[str, float] = {t.name: 0.0 for t in loops if t.name is not None}
     model.train()
     with _ctrl_c_at_step_boundary() as interrupted:
         while step < total_steps:
-            if interrupted.is_set():
+            active = [t for t in loops if t.trains_at(step)]
+            if not active:
+                break  # every task stopped early
+            if runtime.any(interrupted.is_set()):
                 bar.close()
-                checkpoint.save_checkpoint(out, model, snapshot())
+                save_checkpoint()
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
             started = time.perf_counter()
-            for _ in range(cfg.grad_accum):
-                batch = micro_batch(micro)
-                with autocast:
-                    loss = causal_lm_loss(model, batch, target_only=cfg.target_only_logits)
-                (loss / cfg.grad_accum).backward()
-                window_loss += float(loss) / cfg.grad_accum
-                window_tokens += int(batch["attention_mask"].sum())
-                micro += 1
-            if not math.isfinite(window_loss):
+            if simple:
+                for _ in range(cfg.grad_accum):
+                    batch = active[0].micro_batch(micro, cfg, pad_id)
+                    with autocast():
+                        loss = causal_lm_loss(model, batch, target_only=cfg.target_only_logits)
+                    (loss / cfg.grad_accum).backward()
+                    window_loss += float(loss.detach()) / cfg.grad_accum
+                    window_tokens += int(batch["attention_mask"].sum())
+                    micro += 1
+                step_losses = {None: window_loss}
+            else:
+                step_losses, tokens = mixed.train_step(model, active, micro, cfg, pad_id, runtime, autocast)
+                micro += cfg.grad_accum
+                window_tokens += tokens
+                window_loss += sum(step_losses.values()) / len(step_losses)
+                if multitask:
+                    for name, value in step_losses.items():
+                        window_by_task[name] += value
+            if not all(math.isfinite(v) for v in step_losses.values()) or not math.isfinite(window_loss):
                 raise PrefixTuneError(
                     f"step {step + 1}: the loss is not finite; lower the learning rate (last checkpoint kept)"
                 )
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                for t in active if multitask else loops:  # per task: one task's gradient never scales another's
+                    torch.nn.utils.clip_grad_norm_(t.params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            for t in active:
+                t.steps = step
             elapsed += time.perf_counter() - started
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
@@ -222,57 +305,70 @@ def train(
                     "tokens_per_s": round(window_tokens / seconds, 1),
                     "elapsed_s": round(elapsed, 2),
                 }
+                if multitask:
+                    record["task_loss"] = {k: round(v / steps_in_window, 5) for k, v in window_by_task.items()}
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
-                nll, count = evaluate.target_nll(
-                    model,
-                    tokenizer,
-                    val_examples,
-                    max_length=cfg.max_length,
-                    batch_size=cfg.batch_size,
-                    chat_template=cfg.chat_template,
-                )
-                model.train()
-                val_loss = nll / max(count, 1)
-                log({"step": step, "val_loss": round(val_loss, 5), "val_perplexity": round(math.exp(val_loss), 4)})
-                if best is None or val_loss < best:
-                    best, bad_evals = val_loss, 0
-                    model.save_trained(out)  # the run directory always holds the best adapter so far
+                window_by_task = dict.fromkeys(window_by_task, 0.0)
+            due = [t for t in active if cfg.eval_every and (step % cfg.eval_every == 0 or step == t.total_steps)]
+            if due:
+                if simple:
+                    nll, count = evaluate.target_nll(
+                        model,
+                        tokenizer,
+                        due[0].validation,
+                        max_length=cfg.max_length,
+                        batch_size=cfg.batch_size,
+                        chat_template=cfg.chat_template,
+                    )
+                    model.train()
+                    val_losses = {None: nll / max(count, 1)}
                 else:
-                    bad_evals += 1
-                    if cfg.early_stop and bad_evals >= cfg.early_stop:
-                        stopped_early = True
-                        _say(progress, f"early stop at step {step}: {bad_evals} validations without improvement")
-                        break
+                    val_losses = mixed.validation_losses(model, tokenizer, due, cfg, runtime, pad_id)
+                for t in due:
+                    if t.name not in val_losses:
+                        continue  # a task without validation examples
+                    val_loss = val_losses[t.name]
+                    task_field = {"task": t.name} if t.name is not None else {}
+                    log(
+                        {
+                            "step": step,
+                            **task_field,
+                            "val_loss": round(val_loss, 5),
+                            "val_perplexity": round(math.exp(min(val_loss, 700.0)), 4),
+                        }
+                    )
+                    if t.best is None or val_loss < t.best:
+                        t.best, t.bad_evals = val_loss, 0
+                        save_adapter(t)  # the run directory always holds the best adapter so far
+                    else:
+                        t.bad_evals += 1
+                        if cfg.early_stop and t.bad_evals >= cfg.early_stop:
+                            t.stopped = True
+                            who = f"task {t.name}: " if t.name else ""
+                            _say(progress, f"{who}early stop at step {step}: {t.bad_evals} validations {NO_GAIN}")
+                if all(t.stopped for t in loops):
+                    break
             if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint.save_checkpoint(out, model, snapshot())
+                save_checkpoint()
     bar.close()
-    if best is None:
-        model.save_trained(out)
-    checkpoint.save_checkpoint(out, model, snapshot())
-    plot_losses(metrics_path, out / "loss.png")
-    return TrainResult(model, out, step, best, stopped_early, trainable, total_params, elapsed)
-
-
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], *, target_only: bool = True) -> torch.Tensor:
-    """Mean next-token cross-entropy over the target tokens (labels != -100), as transformers computes it.
-
-    With `target_only`, the LM head runs only at positions whose next token is a target in some row (via
-    transformers' `logits_to_keep`): source tokens are masked from the loss anyway, so their logits are waste.
-    """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if not target_only:
-        return model(**inputs, labels=labels).loss
-    shifted = labels[:, 1:]  # the token that position p predicts is labels[:, p + 1]
-    keep = (shifted != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions
-    logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
-    target = shifted[:, keep]
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), target.flatten(), ignore_index=data.IGNORE_INDEX
-    )
+    for t in loops:
+        if t.best is None:
+            save_adapter(t)
+    save_checkpoint()
+    if main:
+        plot_losses(metrics_path, out / "loss.png")
+    summary = None
+    if multitask:
+        summary = {
+            t.name: {"steps": t.steps, "best_val_loss": t.best, "stopped_early": t.stopped, "examples": len(t.encoded)}
+            for t in loops
+        }
+    bests = [t.best for t in loops if t.best is not None]
+    best = loops[0].best if not multitask else (sum(bests) / len(bests) if bests else None)
+    stopped_early = all(t.stopped for t in loops)
+    return TrainResult(trained, out, step, best, stopped_early, trainable, total_params, elapsed, summary)
 
 
 @contextmanager
@@ -297,11 +393,6 @@ def _ctrl_c_at_step_boundary() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _split(name: str) -> str | None:
-    """ "all" means the whole data set (no split)."""
-    return None if name == "all" else name
-
-
 def _say(enabled: bool, message: str) -> None:
     if enabled:
         print(f"prefixtune: {message}", file=sys.stderr)
@@ -315,7 +406,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def plot_losses(metrics_path: Path, png: Path, title: str = "training loss") -> None:
-    """loss.png: training loss per logged step, and validation loss where recorded."""
+    """loss.png: training loss per logged step, and validation loss where recorded (one line per task)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,16 +415,16 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "training loss") -> 
     records = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation")
+        ax.plot(*zip(*train), label="train" if not any("task_loss" in r for r in records) else "train (task mean)")
+    for task in dict.fromkeys(r.get("task") for r in records if "val_loss" in r):
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r.get("task") == task]
+        ax.plot(*zip(*val), marker="o", label="validation" if task is None else f"validation {task}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp)
