@@ -57,8 +57,10 @@ class PrefixConfig:
     head: str | None = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.locations, str):  # "encoder,cross" from a command-line override
+            self.locations = tuple(loc.strip() for loc in self.locations.split(",") if loc.strip())
         if self.locations is not None:
-            if isinstance(self.locations, str) or not all(loc in LOCATIONS for loc in self.locations):
+            if not all(loc in LOCATIONS for loc in self.locations):
                 raise PrefixTuneError(f"locations must be a list drawn from {list(LOCATIONS)}, got {self.locations!r}")
             if not self.locations:
                 raise PrefixTuneError(f"locations must name at least one of {list(LOCATIONS)} (or be None for all)")
