@@ -72,7 +72,8 @@ def test_playground_streams_an_answer(tmp_path: Path) -> None:
             tokens.send_keys("8")
             browser.find_element(By.ID, "send").click()
             wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("done"))
-            assert browser.find_element(By.ID, "output").text == expected.strip()
+            streamed = browser.execute_script("return document.getElementById('output').textContent")
+            assert streamed == expected
             assert browser.find_element(By.ID, "status").text in ("done (length)", "done (stop)")
         finally:
             browser.quit()
