@@ -67,7 +67,8 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-def _train_args(model_dir: Path, out: Path, *data: str, steps: int, batch: int = 3) -> list[str]:
+def _train_args(model_dir: Path, out: Path, *data: str, steps: int | None, batch: int = 3) -> list[str]:
+    budget = ["--max-steps", str(steps)] if steps else ["--epochs", "1"]
     return [
         "train",
         "--model",
@@ -77,8 +78,7 @@ def _train_args(model_dir: Path, out: Path, *data: str, steps: int, batch: int =
         str(out),
         "--batch-size",
         str(batch),
-        "--max-steps",
-        str(steps),
+        *budget,
         "--lr",
         "3e-2",
         "--quiet",
@@ -135,17 +135,26 @@ def test_accelerate_launch_two_processes_multitask(model_dir: Path, data_file: P
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"input": w, "target": f"{w} {w}"}) + "\n" for w in ("cat", "dog", "mat")))
     data = (f"names={data_file}", f"echo={other}")
-    # a global batch of 2 rows, one per task: each process holds rows of one task only
+    # A global batch of 2 rows, one per task: each process holds rows of one task only. One epoch of 2 micro-batches
+    # a step: echo (3 pairs) trains 1 step, names (6) 3; after step 1 no process uses echo's prefix: it must stay.
     two = tmp_path / "two"
     command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1"]
     command += ["--main_process_port", str(_free_port()), "-m", "prefixtune"]
-    done = _run([*command, *_train_args(model_dir, two, *data, steps=3, batch=1)], tmp_path)
+    validation = ("--eval-every", "2", "eval_split=all", "eval_size=2", "train_size=6")  # 6 + 2 one-row batches
+    done = _run([*command, *_train_args(model_dir, two, *data, steps=None, batch=1), *validation], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     one = tmp_path / "one"
-    assert cli.main(_train_args(model_dir, one, *data, steps=3, batch=1)) == 0
+    assert cli.main([*_train_args(model_dir, one, *data, steps=None, batch=1), *validation]) == 0
     for task in ("names", "echo"):
         _assert_same(two / task, one / task)
+    logged, expected = (
+        [(r["step"], r["task"], r["val_loss"]) for r in train.read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+        for run in (two, one)
+    )
+    assert [r[:2] for r in logged] == [r[:2] for r in expected]
+    assert [r[:2] for r in logged] == [(1, "echo"), (2, "names"), (3, "names")]
+    assert all(abs(a[2] - b[2]) < 1e-4 for a, b in zip(logged, expected))
 
 
 def test_processes_with_different_settings_are_refused(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
