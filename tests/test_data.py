@@ -8,11 +8,11 @@ import types
 
 import pytest
 import torch
-from tiny_tokenizer import make_tokenizer
 
 from prefixtune import data, sources
 from prefixtune.data import Example
 from prefixtune.errors import PrefixTuneError
+from tiny_tokenizer import make_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_tokenizer import make_tokenizer
 
 from prefixtune import cli, train
 from prefixtune.config import TrainConfig, build_config
 from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import option_names
 from tiny import tiny
+from tiny_tokenizer import make_tokenizer
 
 NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
 
