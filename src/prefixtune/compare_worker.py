@@ -1,0 +1,159 @@
+"""One run of `prefixtune compare`, in its own process: `python -m prefixtune.compare_worker --job JOB.json`.
+
+Loads the model, trains (continuing from the run's checkpoint when an earlier worker was interrupted), scores
+the trained method, and writes result.json beside job.json. Its peak memory is its own: `ru_maxrss`, the kernel's
+resident-set high-water mark of this process, read after training and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .artifact import atomic_write_bytes
+from .compare import RESULT_FILE, UNTUNED, eval_examples
+from .config import TrainConfig
+from .errors import PrefixTuneError
+
+
+def _peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def run_job(job_path: Path) -> dict[str, Any]:
+    """Train (resuming when a checkpoint is there) and evaluate one run; writes and returns result.json."""
+    import torch
+
+    from . import checkpoint, data, tasks, train
+    from .evaluate import evaluate
+    from .methods.registry import load_trained
+    from .sources import load_model
+
+    job = json.loads(job_path.read_text())
+    cfg = TrainConfig(**job["config"])
+    method, run_dir, train_dir = job["method"], job_path.parent, Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base, tokenizer = load_model(cfg.model)
+    base_params = sum(p.numel() for p in base.parameters())
+    record: dict[str, Any] = {
+        "name": job["name"],
+        "method": method or UNTUNED,
+        "base_params": base_params,
+        "rss_after_load_mb": _peak_rss_mb(),
+    }
+    model: Any = base
+    if method is None:
+        record.update(trainable_params=0, saved_params=0, saved_bytes=0, steps=0, train_seconds=0.0)
+    else:
+        resume = checkpoint.checkpoint_dir(train_dir) is not None
+        if not resume and train_dir.exists():  # stopped before its first checkpoint: nothing to keep
+            shutil.rmtree(train_dir)
+        result = train.train(cfg, resume=resume, progress=False, model_and_tokenizer=(base, tokenizer))
+        record["peak_rss_train_mb"] = _peak_rss_mb()
+        logged = train.read_metrics(train_dir / "metrics.jsonl")
+        windows = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]
+        record.update(
+            lr=cfg.lr,
+            train_size=cfg.train_size,
+            train_examples=len(tasks.load_tasks(cfg)[0][0].train),
+            seed=cfg.seed,
+            options=cfg.options,
+            steps=result.steps,
+            train_seconds=round(result.train_seconds, 2),
+            tokens_per_s=round(sum(windows) / len(windows), 1) if windows else None,
+            trainable_params=result.trainable_params,
+            total_params=result.total_params,
+            best_val_loss=result.best_val_loss,
+            losses=[[r["step"], r["loss"]] for r in logged if "loss" in r],
+            **saved_size(train_dir),
+        )
+        model = result.model
+        if cfg.eval_every:  # the run directory holds the best model seen in validation: score that one
+            del model, result, base
+            fresh, tokenizer = load_model(cfg.model)
+            model = load_trained(fresh, train_dir, method)
+    examples = eval_examples(cfg, job["eval"]["split"], job["eval"]["limit"])
+    classify = cfg.task == "classify" or all(e.label is not None for e in examples)
+    labels = None
+    if classify:
+        labels = data.label_names(eval_examples(cfg, "all", None)) or None
+    started = time.perf_counter()
+    scores, _ = evaluate(
+        model,
+        tokenizer,
+        examples,
+        metric_names=["accuracy"] if classify else ["bleu", "rouge", "perplexity"],
+        task="classify" if classify else "generate",
+        labels=labels,
+        max_length=cfg.max_length,
+        max_new_tokens=job["eval"]["max_new_tokens"],
+        batch_size=job["eval"]["batch_size"],
+        chat_template=cfg.chat_template,
+        num_beams=job["eval"]["num_beams"],
+    )
+    record.update(scores=scores, eval_seconds=round(time.perf_counter() - started, 2), peak_rss_mb=_peak_rss_mb())
+    record.setdefault("peak_rss_train_mb", record["peak_rss_mb"])
+    atomic_write_bytes(run_dir / RESULT_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    if method is not None:
+        shutil.rmtree(train_dir / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: result.json is the record
+    return record
+
+
+# What `prefixtune train` writes beside the trained method itself.
+RUN_FILES = {"checkpoint", ".checkpoint.tmp", ".checkpoint.old", "metrics.jsonl", "config.yaml", "loss.png"}
+
+
+def saved_size(train_dir: Path) -> dict[str, int]:
+    """Bytes on disk of the saved method, and the parameters its safetensors files hold."""
+    from safetensors import safe_open
+
+    size, params = 0, 0
+    for path in sorted(train_dir.rglob("*")):
+        if not path.is_file() or path.relative_to(train_dir).parts[0] in RUN_FILES:
+            continue
+        size += path.stat().st_size
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    shape = f.get_slice(key).get_shape()
+                    params += math.prod(shape)
+    return {"saved_bytes": size, "saved_params": params}
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefixtune.compare_worker", description="one run of a comparison")
+    parser.add_argument("--job", required=True, type=Path, help="DIR/runs/NAME/job.json written by compare")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        run_job(args.job)
+    except PrefixTuneError as e:
+        print(f"prefixtune: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("prefixtune: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        if type(e).__name__ == "Interrupted":  # train.Interrupted: a checkpoint was saved
+            print(f"prefixtune: {e}", file=sys.stderr, flush=True)
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())

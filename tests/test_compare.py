@@ -1,0 +1,267 @@
+"""`prefixtune compare` on a tiny model saved to disk: a report per method, resume, refusals, option routing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefixtune import cli, report
+from prefixtune.compare import route_overrides
+from prefixtune.config import TrainConfig
+from prefixtune.errors import PrefixTuneError
+from prefixtune.train import read_metrics, train
+from tiny import tiny
+from tiny_tokenizer import make_tokenizer
+
+NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama + a byte-level tokenizer, saved like any local model directory."""
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = make_tokenizer()
+    model = tiny("llama-gqa")
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "names.jsonl"
+    rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _args(model_dir: Path, data: Path, out: Path, methods: str = "prefix,lora", *extra: str) -> list[str]:
+    return [
+        "compare",
+        "--methods",
+        methods,
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-split",
+        "all",
+        "--max-new-tokens",
+        "4",
+        "--quiet",
+        "train_split=all",
+        "warmup_steps=1",
+        "log_every=2",
+        "prefix.projection_dim=16",
+        "prefix.num_virtual_tokens=4",
+        *extra,
+    ]
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def compared(model_dir: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One comparison of prefix, lora and the untuned model (three worker processes)."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    assert cli.main(_args(model_dir, data_file, out, "prefix,lora", "--untuned", "lora.r=2")) == 0
+    return out
+
+
+def test_compare_writes_a_report_with_a_row_per_method(compared: Path) -> None:
+    for name in ("report.md", "report.html", "results.json", "loss_curves.png", "quality_vs_params.png"):
+        assert (compared / name).is_file(), name
+    assert (compared / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    raw = json.loads((compared / "results.json").read_text())
+    runs = {r["method"]: r for r in raw["runs"]}
+    assert list(runs) == ["untuned", "prefix", "lora"] and raw["quality_metric"] == "bleu"
+    base = runs["untuned"]["base_params"]
+    for method in ("prefix", "lora"):
+        run = runs[method]
+        assert run["steps"] == 4 and run["train_seconds"] > 0 and run["tokens_per_s"] > 0
+        assert 0 < run["trainable_params"] < base and 0 < run["saved_params"] <= run["trainable_params"]
+        assert run["saved_bytes"] > 0 and run["peak_rss_train_mb"] > run["rss_after_load_mb"] * 0.5 > 0
+        assert 0 <= run["scores"]["bleu"] <= 100 and run["scores"]["loss"] > 0
+        assert [s for s, _ in run["losses"]] == [2, 4]
+        assert not (compared / "runs" / method / "train" / "checkpoint").exists()  # finished: checkpoint gone
+    assert runs["lora"]["options"] == {"r": 2} and runs["prefix"]["options"] == {
+        "projection_dim": 16,
+        "num_virtual_tokens": 4,
+    }
+    # prefix trains its MLP reparameterization and saves only the collapsed (L, 2, H_kv, P, D) prefix
+    assert runs["prefix"]["saved_params"] == 2 * 2 * 2 * 4 * 8 < runs["prefix"]["trainable_params"]
+    assert runs["prefix"]["lr"] == 5e-5 and runs["lora"]["lr"] == 2e-4  # each method's default
+    md = (compared / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0].strip("| ") for r in rows if not set(r) <= set("|- ")] == ["untuned", "prefix", "lora"]
+    assert (
+        "<table>" in (compared / "report.html").read_text()
+        and "data:image/png;base64," in (compared / "report.html").read_text()
+    )
+
+
+def test_a_repeated_command_reuses_finished_runs(model_dir: Path, data_file: Path, compared: Path) -> None:
+    results = {p: p.stat().st_mtime_ns for p in compared.glob("runs/*/result.json")}
+    logs = {p: p.stat().st_size for p in compared.glob("runs/*/worker.log")}
+    assert len(results) == 3
+    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2", "--untuned")) == 0
+    assert {p: p.stat().st_mtime_ns for p in compared.glob("runs/*/result.json")} == results
+    assert {p: p.stat().st_size for p in compared.glob("runs/*/worker.log")} == logs  # no worker started
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--untuned", "lora.r=3"], "method_options"),
+        (["--untuned", "lora.r=2", "--max-steps", "5"], "max_steps"),
+        (["lora.r=2"], "untuned"),
+    ],
+)
+def test_another_configuration_is_refused_with_nothing_changed(
+    model_dir: Path, data_file: Path, compared: Path, capsys, extra: list[str], message: str
+) -> None:
+    before = _snapshot(compared)
+    capsys.readouterr()
+    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefixtune: error:") and message in err and len(err.splitlines()) == 1, err
+    assert _snapshot(compared) == before
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(model_dir: Path, data_file: Path, compared: Path) -> None:
+    run = compared / "runs" / "prefix"
+    config = TrainConfig(**json.loads((run / "job.json").read_text())["config"])
+    (run / "result.json").unlink()
+    shutil.rmtree(run / "train")
+    config.max_steps = 2  # as if the worker had stopped after step 2 (max_steps may differ on --resume)
+    train(config, progress=False)
+    assert (run / "train" / "checkpoint").is_dir()
+    lora_result = (compared / "runs" / "lora" / "result.json").stat().st_mtime_ns
+    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2", "--untuned")) == 0
+    assert [r["step"] for r in read_metrics(run / "train" / "metrics.jsonl")] == [2, 4]  # continued, not redone
+    assert json.loads((run / "result.json").read_text())["steps"] == 4
+    assert (compared / "runs" / "lora" / "result.json").stat().st_mtime_ns == lora_result
+
+
+@pytest.mark.parametrize(
+    "methods, extra, message",
+    [
+        ("prefix,sgd", [], "unknown method 'sgd'"),
+        ("prefix,lora", ["r=8"], "lora.r=8"),  # a LoRA option given to every method, prefix included
+        ("prefix", ["lora.r=8"], "not in --methods"),
+        ("prefix,lora", ["prefix.bogus=1"], "'bogus' is not an option of method 'prefix'"),
+        ("prefix,lora", ["prefix.warmup_steps=3"], "shared"),
+        ("prefix,lora", ["seed=3"], "--seeds"),
+        ("prefix,lora", ["nonsense=1"], "neither a training setting"),
+        ("prefix", ["--train-sizes", "5,x"], "--train-sizes"),
+        ("prefix", ["--train-sizes", "500"], "only 6 training examples"),
+        ("prefix,full", ["full.top_layers=0"], "top_layers"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(model_dir, data_file, tmp_path, capsys, methods, extra, message) -> None:
+    out = tmp_path / "cmp"
+    code = cli.main(_args(model_dir, data_file, out, methods, *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("prefixtune: error:") and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_worker_error_is_one_line_and_the_run_stays_unfinished(data_file, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # looks like a model directory, fails to load in the worker
+    out = tmp_path / "cmp"
+    assert cli.main(_args(broken, data_file, out, "prefix")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefixtune: error: prefix: cannot load the model") and len(err.splitlines()) == 1, err
+    assert (out / "compare.json").is_file() and not (out / "runs" / "prefix" / "result.json").exists()
+    assert not (out / "report.md").exists()
+
+
+def test_a_directory_that_is_not_a_comparison_is_refused(model_dir, data_file, tmp_path, capsys) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(_args(model_dir, data_file, out, "prefix")) == 2
+    assert "not a compare directory" in capsys.readouterr().err
+    assert _snapshot(out) == {"notes.txt": b"mine"}
+
+
+def test_options_are_routed_per_method() -> None:
+    common, options, rates = route_overrides(
+        ["prefix", "lora", "lora+prefix"],
+        ["warmup_steps=5", "prefix.num_virtual_tokens=8", "lora.r=8", "lora+prefix.lora.r=4", "prefix.lr=5e-3"],
+    )
+    assert common == {"warmup_steps": "5"} and rates == {"prefix": "5e-3"}
+    assert options == {"prefix": {"num_virtual_tokens": "8"}, "lora": {"r": "8"}, "lora+prefix": {"lora.r": "4"}}
+    _, options, _ = route_overrides(["prefix", "prompt"], ["num_virtual_tokens=6"])  # both take it: both get it
+    assert options == {"prefix": {"num_virtual_tokens": "6"}, "prompt": {"num_virtual_tokens": "6"}}
+    with pytest.raises(PrefixTuneError, match="does not apply to prefix"):
+        route_overrides(["prefix", "lora"], ["r=8"])
+    with pytest.raises(PrefixTuneError, match=r"not in --methods \(lora\+prefix\); .* lora\+prefix.lora.r=8"):
+        route_overrides(["lora+prefix"], ["lora.r=8"])
+
+
+def _fake_run(method: str, size: int, seed: int, accuracy: float) -> dict:
+    return {
+        "name": f"{method}-n{size}-s{seed}",
+        "method": method,
+        "train_size": size,
+        "train_examples": size,
+        "seed": seed,
+        "lr": 1e-3,
+        "base_params": 1000,
+        "rss_after_load_mb": 100.0,
+        "peak_rss_train_mb": 150.0,
+        "trainable_params": 10 if method == "prefix" else 1000,
+        "saved_params": 2 if method == "prefix" else 1000,
+        "saved_bytes": 64,
+        "steps": 3,
+        "train_seconds": 1.0,
+        "tokens_per_s": 50.0,
+        "losses": [[1, 2.0], [2, 1.5], [3, 1.2]],
+        "scores": {"examples": 4.0, "accuracy": accuracy},
+    }
+
+
+def test_low_data_report_has_a_table_and_plot_per_size(tmp_path: Path) -> None:
+    runs = [
+        _fake_run(m, n, s, 0.5 + n / 1000 + s / 100 + (0.1 if m == "prefix" else 0))
+        for m in ("prefix", "full")
+        for n in (50, 100)
+        for s in (0, 1)
+    ]
+    settings = {"methods": ["prefix", "full"], "model": "m", "data": "d", "max_steps": 3, "batch_size": 2}
+    settings.update(seeds=[0, 1], eval_split="test", eval_limit=None)
+    raw = report.write_report(tmp_path, settings, runs)
+    assert raw["quality_metric"] == "accuracy" and "quality_vs_train_size.png" in raw["files"]
+    md = (tmp_path / "report.md").read_text()
+    assert "accuracy @ 50" in md and "accuracy @ 100" in md and "± " in md
+    header, rows = report.size_table(runs)
+    assert rows[0][0] == "prefix" and rows[0][1] == "65.50 ± 0.71"
+    assert (tmp_path / "quality_vs_train_size.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_top_layers_flag_is_the_full_method_option(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft-top1"
+    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--method", "full"]
+    args += ["--top-layers", "1", "--max-steps", "1", "--batch-size", "4", "--quiet", "train_split=all"]
+    assert cli.main(args) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["options"] == {"top_layers": 1}
+    assert json.loads((out / "full_finetune.json").read_text())["full"]["top_layers"] == 1
