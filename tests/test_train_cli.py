@@ -312,3 +312,16 @@ def test_target_only_logits_give_the_same_loss_and_gradients(arch: str) -> None:
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
     for full, kept in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(full, kept, rtol=1e-5, atol=1e-7)
+
+
+def test_generation_stops_after_the_first_nonblank_line() -> None:
+    from prefixtune.evaluate import _FirstLineDone
+
+    tok = make_tokenizer()
+    prompt = tok("name: Cat Park", add_special_tokens=False)["input_ids"]
+    rows = ["\n", " the cat", "\n the cat\n", "the dog\nthe cat"]
+    ids = [prompt + tok(r, add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(len(i) for i in ids)
+    batch = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+    done = _FirstLineDone(tok, len(prompt))(batch, torch.zeros(4, 1))
+    assert done.tolist() == [False, False, True, True]

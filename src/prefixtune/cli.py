@@ -339,7 +339,7 @@ def _run_data(args: argparse.Namespace) -> int:
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="train and evaluate a prefix on E2E with smollm2-135m (README command 1)")
     p.add_argument("--out", default="runs/demo", help="report directory")
-    p.add_argument("--max-steps", type=int, default=300, help="training steps")
+    p.add_argument("--max-steps", type=int, default=80, help="training steps")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out inputs")
     p.add_argument("--model", default="smollm2-135m", help="model to tune")
     p.add_argument("--data-dir", help="where e2e_nlg.json is looked up first")

@@ -20,14 +20,14 @@ from .train import train
 
 # The demo's prefix: Li & Liang's recipe (MLP reparameterization, real-word initialization) at a CPU budget.
 DEMO_OPTIONS = {"num_virtual_tokens": 10, "init_text": "table-to-text: name food area price rating"}
-DEMO_LR = 5e-3
+DEMO_LR = 3e-3
 
 
 def run_demo(
     out: str | Path = "runs/demo",
     *,
     model: str = "smollm2-135m",
-    max_steps: int = 300,
+    max_steps: int = 80,
     eval_limit: int | None = None,
     data_dir: str | None = None,
     fresh: bool = False,

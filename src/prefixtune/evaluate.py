@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from . import data, metrics
 from .errors import PrefixTuneError
@@ -59,6 +60,8 @@ def generate_texts(
         )
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
+        if first_line:  # the answer ends at its first line break: stop there instead of rambling to the limit
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_FirstLineDone(tokenizer, batch["input_ids"].shape[1])])
         if adapter_names is not None:
             kwargs["adapter_names"] = [adapter_names[i] for i in indices]
         out = model.generate(**kwargs)
@@ -67,6 +70,17 @@ def generate_texts(
             text = tokenizer.decode(new[row], skip_special_tokens=True)
             outputs[i] = (text.strip().split("\n")[0] if first_line else text).strip()
     return outputs
+
+
+class _FirstLineDone(StoppingCriteria):
+    """A row is done once its new text, leading whitespace aside, holds a line break (what we keep ends there)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([t.lstrip() != "" and "\n" in t.lstrip() for t in texts], device=input_ids.device)
 
 
 @torch.no_grad()
