@@ -54,8 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import prefixtune
     from peft import PrefixTuningConfig, get_peft_model
+
+    import prefixtune
 
     torch.manual_seed(0)
     vocab = load(args.model).config.vocab_size
