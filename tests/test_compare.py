@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from prefixtune import cli, report
-from prefixtune.compare import route_overrides
+from prefixtune.compare import CompareSettings, plan, route_overrides, write_job
+from prefixtune.compare_worker import run_job
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import read_metrics, train
@@ -77,9 +78,9 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def compared(model_dir: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One comparison of prefix, lora and the untuned model (three worker processes)."""
+    """One comparison of prefix and lora (two worker processes)."""
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    assert cli.main(_args(model_dir, data_file, out, "prefix,lora", "--untuned", "lora.r=2")) == 0
+    assert cli.main(_args(model_dir, data_file, out, "prefix,lora", "lora.r=2")) == 0
     return out
 
 
@@ -89,8 +90,8 @@ def test_compare_writes_a_report_with_a_row_per_method(compared: Path) -> None:
     assert (compared / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     raw = json.loads((compared / "results.json").read_text())
     runs = {r["method"]: r for r in raw["runs"]}
-    assert list(runs) == ["untuned", "prefix", "lora"] and raw["quality_metric"] == "bleu"
-    base = runs["untuned"]["base_params"]
+    assert list(runs) == ["prefix", "lora"] and raw["quality_metric"] == "bleu"
+    base = runs["lora"]["base_params"]
     for method in ("prefix", "lora"):
         run = runs[method]
         assert run["steps"] == 4 and run["train_seconds"] > 0 and run["tokens_per_s"] > 0
@@ -108,7 +109,7 @@ def test_compare_writes_a_report_with_a_row_per_method(compared: Path) -> None:
     assert runs["prefix"]["lr"] == 5e-5 and runs["lora"]["lr"] == 2e-4  # each method's default
     md = (compared / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split(" | ")[0].strip("| ") for r in rows if not set(r) <= set("|- ")] == ["untuned", "prefix", "lora"]
+    assert [r.split(" | ")[0].strip("| ") for r in rows if not set(r) <= set("|- ")] == ["prefix", "lora"]
     assert (
         "<table>" in (compared / "report.html").read_text()
         and "data:image/png;base64," in (compared / "report.html").read_text()
@@ -118,8 +119,8 @@ def test_compare_writes_a_report_with_a_row_per_method(compared: Path) -> None:
 def test_a_repeated_command_reuses_finished_runs(model_dir: Path, data_file: Path, compared: Path) -> None:
     results = {p: p.stat().st_mtime_ns for p in compared.glob("runs/*/result.json")}
     logs = {p: p.stat().st_size for p in compared.glob("runs/*/worker.log")}
-    assert len(results) == 3
-    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2", "--untuned")) == 0
+    assert len(results) == 2
+    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2")) == 0
     assert {p: p.stat().st_mtime_ns for p in compared.glob("runs/*/result.json")} == results
     assert {p: p.stat().st_size for p in compared.glob("runs/*/worker.log")} == logs  # no worker started
 
@@ -127,9 +128,9 @@ def test_a_repeated_command_reuses_finished_runs(model_dir: Path, data_file: Pat
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--untuned", "lora.r=3"], "method_options"),
-        (["--untuned", "lora.r=2", "--max-steps", "5"], "max_steps"),
-        (["lora.r=2"], "untuned"),
+        (["lora.r=3"], "method_options"),
+        (["lora.r=2", "--max-steps", "5"], "max_steps"),
+        (["lora.r=2", "--untuned"], "untuned"),
     ],
 )
 def test_another_configuration_is_refused_with_nothing_changed(
@@ -152,7 +153,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(model_dir: Path, data_fi
     train(config, progress=False)
     assert (run / "train" / "checkpoint").is_dir()
     lora_result = (compared / "runs" / "lora" / "result.json").stat().st_mtime_ns
-    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2", "--untuned")) == 0
+    assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2")) == 0
     assert [r["step"] for r in read_metrics(run / "train" / "metrics.jsonl")] == [2, 4]  # continued, not redone
     assert json.loads((run / "result.json").read_text())["steps"] == 4
     assert (compared / "runs" / "lora" / "result.json").stat().st_mtime_ns == lora_result
@@ -180,6 +181,19 @@ def test_bad_input_is_one_line_exit_2(model_dir, data_file, tmp_path, capsys, me
     assert code == 2
     assert err.startswith("prefixtune: error:") and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_the_untuned_model_is_scored_without_training(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    """The worker's untuned job, run in this process (the subprocess path is the same code)."""
+    settings = CompareSettings(["prefix"], model=str(model_dir), data=str(data_file), max_steps=2, batch_size=4)
+    settings.eval_split, settings.max_new_tokens, settings.untuned = "all", 4, True
+    settings.overrides = ["train_split=all"]
+    jobs, _ = plan(settings, tmp_path / "cmp")
+    assert [j.name for j in jobs] == ["untuned", "prefix"]
+    record = run_job(write_job(jobs[0], settings))
+    assert record["method"] == "untuned" and record["trainable_params"] == record["steps"] == 0
+    assert record["peak_rss_mb"] >= record["rss_after_load_mb"] > 0 and 0 <= record["scores"]["bleu"] <= 100
+    assert not (tmp_path / "cmp" / "runs" / "untuned" / "train").exists()  # nothing trained, nothing saved
 
 
 def test_a_worker_error_is_one_line_and_the_run_stays_unfinished(data_file, tmp_path, capsys) -> None:
@@ -247,12 +261,14 @@ def test_low_data_report_has_a_table_and_plot_per_size(tmp_path: Path) -> None:
         for n in (50, 100)
         for s in (0, 1)
     ]
+    untuned = {**_fake_run("untuned", 0, 0, 0.4), "train_size": None, "trainable_params": 0, "saved_params": 0}
+    runs.insert(0, {**untuned, "steps": 0, "lr": None, "losses": [], "tokens_per_s": None})
     settings = {"methods": ["prefix", "full"], "model": "m", "data": "d", "max_steps": 3, "batch_size": 2}
     settings.update(seeds=[0, 1], eval_split="test", eval_limit=None)
     raw = report.write_report(tmp_path, settings, runs)
     assert raw["quality_metric"] == "accuracy" and "quality_vs_train_size.png" in raw["files"]
     md = (tmp_path / "report.md").read_text()
-    assert "accuracy @ 50" in md and "accuracy @ 100" in md and "± " in md
+    assert "accuracy @ 50" in md and "accuracy @ 100" in md and "± " in md and "| untuned | - | - | - | 0 |" in md
     header, rows = report.size_table(runs)
     assert rows[0][0] == "prefix" and rows[0][1] == "65.50 ± 0.71"
     assert (tmp_path / "quality_vs_train_size.png").read_bytes()[:4] == b"\x89PNG"

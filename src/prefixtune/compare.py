@@ -196,6 +196,7 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> tuple[list[J
                     "train_size": size,
                     "seed": seed,
                     "save_every": 50,  # an interrupted run resumes from its last checkpoint (override: save_every)
+                    "log_every": max(1, min(10, settings.max_steps // 20)),  # enough points for the loss plot
                     "lr": settings.lr,
                 }
                 items = [f"{k}={v}" for k, v in common.items()]
@@ -280,17 +281,10 @@ def run_compare(settings: CompareSettings, out: str | os.PathLike[str], *, progr
     return report.write_report(out, saved, results)
 
 
-def _run_or_reuse(
-    job: Job, number: int, count: int, settings: CompareSettings, lock_fd: int, progress: bool
-) -> dict[str, Any]:
+def write_job(job: Job, settings: CompareSettings) -> Path:
+    """RUN/job.json: everything the worker needs (compare_worker.run_job reads it)."""
     run_dir = Path(job.config.out).parent
-    result_path = run_dir / RESULT_FILE
-    tag = f"[{number}/{count}] {job.name}"
-    if result_path.is_file():
-        _say(progress, f"{tag}: finished earlier, reusing {result_path}")
-        return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    job_path = run_dir / "job.json"
     spec = {
         "name": job.name,
         "method": job.method,
@@ -303,7 +297,20 @@ def _run_or_reuse(
             "batch_size": settings.batch_size,
         },
     }
-    atomic_write_bytes(job_path, (json.dumps(spec, indent=2) + "\n").encode())
+    atomic_write_bytes(run_dir / "job.json", (json.dumps(spec, indent=2) + "\n").encode())
+    return run_dir / "job.json"
+
+
+def _run_or_reuse(
+    job: Job, number: int, count: int, settings: CompareSettings, lock_fd: int, progress: bool
+) -> dict[str, Any]:
+    run_dir = Path(job.config.out).parent
+    result_path = run_dir / RESULT_FILE
+    tag = f"[{number}/{count}] {job.name}"
+    if result_path.is_file():
+        _say(progress, f"{tag}: finished earlier, reusing {result_path}")
+        return json.loads(result_path.read_text())
+    job_path = write_job(job, settings)
     what = f"training {job.config.max_steps} steps at lr {job.config.lr:g}" if job.method else "scoring"
     _say(progress, f"{tag}: {what} in a new process (log: {run_dir / 'worker.log'})")
     started = time.perf_counter()

@@ -46,6 +46,9 @@ def run_job(job_path: Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     base, tokenizer = load_model(cfg.model)
     base_params = sum(p.numel() for p in base.parameters())
+    with torch.no_grad():  # weights may be mmapped and paged in lazily: touch them so the baseline below holds them
+        for p in base.parameters():
+            p.detach().sum()
     record: dict[str, Any] = {
         "name": job["name"],
         "method": method or UNTUNED,
