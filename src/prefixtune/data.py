@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +97,7 @@ def load_dataset(
         examples = read_records(path, source_field=source_field, target_field=target_field, task=spec)
         fractions = SPLIT_FRACTIONS.get(spec, DEFAULT_SPLIT_FRACTIONS)
     else:
-        path = Path(spec).expanduser()
+        path = _expand(spec)
         if not path.exists() and not path.suffix and "/" not in spec and os.sep not in spec:
             sources._data_alias(spec)  # raises: unknown built-in name, with the list
         examples = read_records(path, source_field=source_field, target_field=target_field)
@@ -115,16 +117,16 @@ def read_records(
     task: str | None = None,
 ) -> list[Example]:
     """Read a .jsonl, .csv/.tsv or .json file into one Example per record (no grouping, no splitting)."""
-    path = Path(path).expanduser()
+    path = _expand(path)
     if path.is_dir():
         raise PrefixTuneError(f"{path} is a directory; give a .jsonl, .csv or .json file")
     if not path.is_file():
         hint = "" if path.suffix else f"; built-in data sets: {', '.join(sources.DATA_ALIASES)}"
         raise PrefixTuneError(f"{path}: no such data file{hint}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
+    try:  # bytes, not read_text: its newline translation would change line breaks inside CSV cells
+        text = path.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise PrefixTuneError(f"{path}: cannot read as UTF-8 text ({e})") from None
+        raise PrefixTuneError(f"{path}: cannot read as UTF-8 text ({e}); save the file as UTF-8") from None
     if not text.strip():
         raise PrefixTuneError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
@@ -142,15 +144,37 @@ def read_records(
     return [fields.example(record, where, require_target, task) for where, record in rows]
 
 
+def _expand(path: str | os.PathLike[str]) -> Path:
+    try:
+        return Path(path).expanduser()
+    except (RuntimeError, ValueError):  # "~name/..." for a user that does not exist (or a name with NUL)
+        raise PrefixTuneError(f"{path}: cannot expand '~' (no such user's home); give the full path") from None
+
+
+def _parse_json(text: str, where: str, whole_file: bool) -> Any:
+    """json.loads, with every way it can fail turned into our error (naming the line for a whole file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = f":{e.lineno}" if whole_file else ""
+        raise PrefixTuneError(f"{where}{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise PrefixTuneError(f"{where}: JSON nested too deeply to read; flatten the record") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int_max_str_digits)
+        raise PrefixTuneError(f"{where}: not valid JSON here ({str(e).split(':')[0]}); quote long numbers") from None
+
+
+# JSONL lines end at LF, CRLF or CR only: JSON strings may hold U+2028, U+0085 and the like (str.splitlines
+# breaks there), while a raw CR or LF inside a JSON string is not valid JSON anyway.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrefixTuneError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        record = _parse_json(line, f"{path}:{number}", whole_file=False)
         if not isinstance(record, dict):
             raise PrefixTuneError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         rows.append((f"{path}:{number}", record))
@@ -158,10 +182,7 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PrefixTuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = _parse_json(text, str(path), whole_file=True)
     records = data.get("examples") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise PrefixTuneError(f"{path}: expected a JSON list of records or an object with an 'examples' list")
@@ -174,8 +195,14 @@ def _json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
 def _csv_rows(
     path: Path, text: str, delimiter: str, source_field: str | None, target_field: str | None
 ) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    columns = reader.fieldnames or []
+    if len(text) > csv.field_size_limit():  # the default 128 KiB per cell is too little for long documents
+        csv.field_size_limit(len(text))
+    # the csv module finds the rows itself: a quoted cell may hold line breaks
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        columns = reader.fieldnames or []
+    except csv.Error as e:
+        raise PrefixTuneError(f"{path}:1: malformed CSV header ({e})") from None
     for wanted in (source_field, target_field):
         if wanted is not None and wanted not in columns:
             raise PrefixTuneError(f"{path}:1: no column {wanted!r} (columns: {', '.join(columns)})")
@@ -216,16 +243,20 @@ class _FieldPlan:
             raise PrefixTuneError(f"{where}: no {self.source!r} field (fields: {', '.join(record)})")
         if not isinstance(source, str):
             raise PrefixTuneError(f"{where}: {self.source!r} must be a string, got {type(source).__name__}")
-        task = record["task"] if isinstance(record.get("task"), str) else task
+        _check_text(source, self.source, where)
+        task = _check_text(record["task"], "task", where) if isinstance(record.get("task"), str) else task
         value = record.get(self.target) if self.target else None
         if value is not None:
             references = [value] if isinstance(value, str) else value
             if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
                 raise PrefixTuneError(f"{where}: {self.target!r} must be a string or a non-empty list of strings")
+            for reference in references:
+                _check_text(reference, self.target or "target", where)
             return Example(source, references[0], list(references), task=task)
         if not self.target_named:
             label = _label_of(record, where)
             if label is not None:
+                _check_text(label, "label", where)
                 return Example(source, label, [label], label=label, task=task)
         if require_target:
             wanted = self.target or "target"
@@ -235,10 +266,26 @@ class _FieldPlan:
         return Example(source, None, [], task=task)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str, what: str, where: str) -> str:
+    """Refuse strings that are not text: JSON lets "\\ud800" (half of a UTF-16 pair) through, tokenizers do not."""
+    if _SURROGATE.search(value):
+        raise PrefixTuneError(
+            f"{where}: {what!r} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is not text; "
+            "fix or remove that record"
+        )
+    return value
+
+
 def _label_of(record: dict[str, Any], where: str) -> str | None:
     """A classification label: BIG-bench `target_scores` (the label scored 1), or a `label` field."""
     scores = record.get("target_scores")
     if isinstance(scores, dict) and scores:
+        if not all(isinstance(v, (int, float)) for v in scores.values()):
+            shown = repr(scores) if len(repr(scores)) <= 200 else repr(scores)[:200] + "..."
+            raise PrefixTuneError(f"{where}: target_scores must map each label to a number, got {shown}")
         best = max(scores.values())
         winners = [name for name, score in scores.items() if score == best]
         if len(winners) != 1:
