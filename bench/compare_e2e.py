@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from prefixtune.artifact import atomic_write_bytes
 from prefixtune.compare import CompareSettings, parse_methods, parse_seeds, parse_sizes, run_compare
 from prefixtune.errors import PrefixTuneError
 
@@ -122,7 +123,7 @@ def main() -> int:
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        atomic_write_bytes(args.json, (text + "\n").encode())
     return 0
 
 

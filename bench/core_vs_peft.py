@@ -122,7 +122,9 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        from prefixtune.artifact import atomic_write_bytes
+
+        atomic_write_bytes(args.json, (text + "\n").encode())
 
 
 if __name__ == "__main__":

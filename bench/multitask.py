@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefixtune import data, sources
+from prefixtune.artifact import atomic_write_bytes
 from prefixtune.config import TrainConfig
 from prefixtune.train import train
 
@@ -128,7 +129,7 @@ def main() -> None:
     print(json.dumps(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

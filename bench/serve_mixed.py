@@ -36,6 +36,7 @@ import uvicorn
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import prefixtune
+from prefixtune.artifact import atomic_write_bytes
 from prefixtune.model import PrefixModel
 from prefixtune.serve import create_app
 from prefixtune.serve.sampling import SamplingParams
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write_bytes(args.out, (text + "\n").encode())
     return 0
 
 

@@ -6,7 +6,6 @@ any moment leaves either the previous checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .artifact import _fsync_dir
+from .artifact import _fsync_dir, fsync_tree
 from .errors import PrefixTuneError
 
 CHECKPOINT = "checkpoint"
@@ -42,13 +41,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any]) -> P
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, tmp / TRAINABLE)
     torch.save(state, tmp / STATE)
-    for name in (TRAINABLE, STATE):
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(tmp)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
+    # else a run killed between the two renames left only `old`: it stays the newest complete checkpoint until
+    # `tmp` is in place (deleting it first would leave no checkpoint at all for a moment)
     tmp.rename(final)
     _fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)

@@ -60,7 +60,7 @@ def run_demo(
     tuned_scores, tuned_predictions = evaluate(
         result.model, tokenizer, test, metric_names=["bleu", "rouge"], progress=True
     )
-    shutil.copyfile(out / "prefix" / "loss.png", out / "loss.png")
+    atomic_write_bytes(out / "loss.png", (out / "prefix" / "loss.png").read_bytes())
 
     report = {
         "model": model,

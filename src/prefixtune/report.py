@@ -11,13 +11,12 @@ import base64
 import html
 import json
 import math
-import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifact import atomic_write_bytes
+from .artifact import atomic_save_figure, atomic_write_bytes
 
 PNG_FILES = ("loss_curves.png", "quality_vs_params.png", "quality_vs_train_size.png")
 
@@ -217,10 +216,8 @@ def _save(fig: Any, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_save_figure(fig, png)
     plt.close(fig)
-    os.replace(tmp, png)
     return png
 
 

@@ -18,6 +18,7 @@ import peft
 import torch
 from torch import nn
 
+from .. import artifact
 from ..errors import PrefixTuneError
 from ..model import PrefixModel, attach, load_adapter
 from .lora import LoraConfig, inject_lora, load_lora_into
@@ -61,7 +62,11 @@ class LoraPrefixModel(nn.Module):
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self.peft_model.save_pretrained(str(directory / LORA_DIR))
+            artifact.atomic_save_directory(
+                directory / LORA_DIR,
+                lambda staging: self.peft_model.save_pretrained(str(staging)),
+                last=("adapter_config.json",),
+            )
         except OSError as e:
             raise PrefixTuneError(f"cannot write the LoRA part to {directory / LORA_DIR}: {e.strerror}") from None
         self.prefix_model.save_adapter(directory / PREFIX_DIR)

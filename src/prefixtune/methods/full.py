@@ -71,7 +71,7 @@ class FullModel(nn.Module):
     def save_trained(self, directory: str | os.PathLike[str]) -> None:
         directory = Path(directory)
         try:
-            self.model.save_pretrained(directory)
+            artifact.atomic_save_directory(directory, self.model.save_pretrained)  # CONFIG_FILE, below, marks it
             meta = {"method": "full", "format_version": 1, "full": asdict(self.config)}
             artifact.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         except OSError as e:

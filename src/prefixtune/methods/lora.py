@@ -11,6 +11,7 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from .. import artifact
 from ..errors import PrefixTuneError
 
 
@@ -85,8 +86,10 @@ class LoraModel(nn.Module):
 
     def save_trained(self, directory: str | os.PathLike[str]) -> None:
         """PEFT's format: adapter_config.json (peft_type LORA) + adapter_model.safetensors."""
-        try:
-            self.peft_model.save_pretrained(str(directory))
+        try:  # each file atomically, adapter_config.json (what marks the directory as an adapter) last
+            artifact.atomic_save_directory(
+                directory, lambda staging: self.peft_model.save_pretrained(str(staging)), last=("adapter_config.json",)
+            )
         except OSError as e:
             raise PrefixTuneError(f"cannot write the LoRA adapter to {directory}: {e.strerror}") from None
 
