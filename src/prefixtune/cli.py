@@ -49,6 +49,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--seed", type=int, help=helps["seed"])
     p.add_argument("--save-every", type=int, help=helps["save_every"])
     p.add_argument("--eval-every", type=int, help=helps["eval_every"])
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"], help=helps["on_nonfinite"])
     p.add_argument("--data-dir", help=helps["data_dir"])
     p.add_argument("--source-field", help=helps["source_field"])
     p.add_argument("--target-field", help=helps["target_field"])
@@ -81,6 +82,7 @@ def _run_train(args: argparse.Namespace) -> int:
             "seed",
             "save_every",
             "eval_every",
+            "on_nonfinite",
             "data_dir",
             "source_field",
             "target_field",
@@ -102,6 +104,8 @@ def _run_train(args: argparse.Namespace) -> int:
         "total_params": result.total_params,
         "train_seconds": round(result.train_seconds, 2),
     }
+    if result.skipped_steps:
+        summary["skipped_steps"] = result.skipped_steps
     if result.tasks is not None:
         summary["tasks"] = result.tasks
     if _rank() == 0:  # under torchrun / accelerate launch every process returns here; one summary is enough

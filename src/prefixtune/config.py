@@ -51,6 +51,13 @@ class TrainConfig:
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     schedule: str = field(default="linear", metadata={"help": "decay after warmup: linear, cosine or constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "a step whose loss or gradient is NaN/inf: stop (error naming the step; the last checkpoint "
+            "is kept) or skip (no update; counted as skipped_steps in metrics.jsonl)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU (float32 weights)"})
     target_only_logits: bool = field(
@@ -85,6 +92,8 @@ class TrainConfig:
             raise PrefixTuneError(f"task must be 'generate' or 'classify', got {self.task!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise PrefixTuneError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise PrefixTuneError(f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise PrefixTuneError("warmup_steps, weight_decay and max_grad_norm must be >= 0")
 

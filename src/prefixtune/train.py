@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, distributed, evaluate, mixed, tasks
+from .artifact import atomic_save_figure, atomic_write_bytes, remove_stale_temp
 from .config import TrainConfig, save_config
 from .errors import PrefixTuneError
 from .loss import causal_lm_loss
@@ -47,7 +49,7 @@ __all__ = ["Interrupted", "TrainResult", "causal_lm_loss", "plot_losses", "read_
 
 NO_GAIN = "without improvement"
 # Settings that may change between an interrupted run and its --resume; everything else must match.
-RESUMABLE = {"max_steps", "epochs", "log_every", "eval_every", "save_every", "early_stop", "threads"}
+RESUMABLE = {"max_steps", "epochs", "log_every", "eval_every", "save_every", "early_stop", "threads", "on_nonfinite"}
 
 
 class Interrupted(Exception):
@@ -65,6 +67,7 @@ class TrainResult:
     total_params: int
     train_seconds: float
     tasks: dict[str, dict[str, Any]] | None = None  # multi-task: name -> steps, best_val_loss, stopped_early
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite (on_nonfinite=skip): no update made
 
 
 def _schedule(cfg: TrainConfig, total: int) -> Any:
@@ -186,12 +189,17 @@ def _train(
     total_steps = max(t.total_steps for t in loops)
 
     step, micro, elapsed = 0, 0, 0.0
+    state: dict[str, Any] | None = None
     if resume:
-        state = runtime.together(lambda: checkpoint.load_checkpoint(out, model) if main else None)
+        # A run killed before its first checkpoint starts again from step 0 (what it did is redone exactly).
+        state = runtime.together(lambda: _resume_state(out, model) if main else None)
         if runtime.distributed:  # process 0 read the checkpoint; the others get it from there (no shared disk)
             tensors, state = runtime.broadcast((trainable_state_dict(model) if main else None, state))
             if not main:
                 checkpoint.restore_trainable(model, tensors)
+    if state is None and resume:
+        _say(progress, f"{out} has no checkpoint yet: starting from step 0")
+    elif state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -203,9 +211,12 @@ def _train(
         else:
             loops[0].best, loops[0].bad_evals = state["best"], state["bad_evals"]
         _say(progress, f"resuming {out} at step {step}")
+    metrics_path = out / "metrics.jsonl"
     if main:
         save_config(cfg, out / "config.yaml")
-    metrics_path = out / "metrics.jsonl"
+        if resume:  # what a killed run logged or half-wrote after its checkpoint is logged again from there
+            _keep_metrics_until(metrics_path, step)
+            remove_stale_temp(out)
     trained = model  # the unwrapped model: saved, checkpointed, returned
     model = runtime.prepare(model, params)
 
@@ -219,14 +230,18 @@ def _train(
             "best": loops[0].best,
             "bad_evals": loops[0].bad_evals,
             "elapsed": elapsed,
+            "skipped": skipped,
+            "window": [window_loss, window_tokens, window_skipped, window_by_task],  # the log line being summed
         }
         if multitask:
             state["tasks"] = {t.name: t.record() for t in loops}
         return state
 
     def save_checkpoint() -> None:
+        nonlocal saved_at
         if main:
             checkpoint.save_checkpoint(out, trained, snapshot())
+        saved_at = step
 
     def save_adapter(task: TaskLoop) -> None:
         if not main:
@@ -251,6 +266,11 @@ def _train(
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     window_by_task: dict[str, float] = {t.name: 0.0 for t in loops if t.name is not None}
+    skipped, window_skipped = 0, 0  # steps skipped for a non-finite loss or gradient (on_nonfinite=skip)
+    saved_at = step if state is not None else None  # the step of the checkpoint on disk
+    if state is not None and "window" in state:
+        skipped = state["skipped"]
+        window_loss, window_tokens, window_skipped, window_by_task = state["window"]
     model.train()
     with _ctrl_c_at_step_boundary() as interrupted:
         while step < total_steps:
@@ -263,33 +283,42 @@ def _train(
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved, continue with --resume")
             started = time.perf_counter()
             if simple:
+                step_loss = 0.0
                 for _ in range(cfg.grad_accum):
                     batch = active[0].micro_batch(micro, cfg, pad_id)
                     with autocast():
                         loss = causal_lm_loss(model, batch, target_only=cfg.target_only_logits)
                     (loss / cfg.grad_accum).backward()
-                    window_loss += float(loss.detach()) / cfg.grad_accum
+                    step_loss += float(loss.detach()) / cfg.grad_accum
                     window_tokens += int(batch["attention_mask"].sum())
                     micro += 1
-                step_losses = {None: window_loss}
+                step_losses = {None: step_loss}
             else:
                 step_losses, tokens = mixed.train_step(model, active, micro, cfg, pad_id, runtime, autocast)
                 micro += cfg.grad_accum
                 window_tokens += tokens
+            # per task: one task's gradient never scales another's
+            norms = {t.name: _grad_norm(t.params, cfg.max_grad_norm) for t in (active if multitask else loops)}
+            problem = _nonfinite(step_losses, norms)
+            if runtime.any(problem is not None):
+                problem = problem or "a loss or gradient on another process is not finite"
+                if cfg.on_nonfinite == "stop":
+                    bar.close()
+                    raise PrefixTuneError(_nonfinite_stop(step + 1, problem, out, saved_at))
+                optimizer.zero_grad(set_to_none=True)  # the step is skipped: no update, data and schedule move on
+                skipped, window_skipped = skipped + 1, window_skipped + 1
+                _say(main, f"step {step + 1}: {problem}; step skipped (on_nonfinite=skip)")  # even with --quiet
+                with warnings.catch_warnings():  # when the very first step is skipped, torch warns about the order
+                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+                    scheduler.step()
+            else:
                 window_loss += sum(step_losses.values()) / len(step_losses)
                 if multitask:
                     for name, value in step_losses.items():
                         window_by_task[name] += value
-            if not all(math.isfinite(v) for v in step_losses.values()) or not math.isfinite(window_loss):
-                raise PrefixTuneError(
-                    f"step {step + 1}: the loss is not finite; lower the learning rate (last checkpoint kept)"
-                )
-            if cfg.max_grad_norm:
-                for t in active if multitask else loops:  # per task: one task's gradient never scales another's
-                    torch.nn.utils.clip_grad_norm_(t.params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             for t in active:
                 t.steps = step
@@ -297,19 +326,23 @@ def _train(
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 seconds = time.perf_counter() - window_start
-                steps_in_window = step % cfg.log_every or cfg.log_every
-                record = {
-                    "step": step,
-                    "loss": round(window_loss / steps_in_window, 5),
+                steps_in_window = (step % cfg.log_every or cfg.log_every) - window_skipped  # steps that updated
+                record: dict[str, Any] = {"step": step}
+                if steps_in_window > 0:  # the mean loss of the window's steps, skipped ones left out
+                    record["loss"] = round(window_loss / steps_in_window, 5)
+                record |= {
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": round(window_tokens / seconds, 1),
                     "elapsed_s": round(elapsed, 2),
                 }
-                if multitask:
+                if skipped:
+                    record["skipped_steps"] = skipped  # in the whole run so far
+                if multitask and steps_in_window > 0:
                     record["task_loss"] = {k: round(v / steps_in_window, 5) for k, v in window_by_task.items()}
                 log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_loss, window_tokens, window_skipped, window_start = 0.0, 0, 0, time.perf_counter()
                 window_by_task = dict.fromkeys(window_by_task, 0.0)
             due = [t for t in active if cfg.eval_every and (step % cfg.eval_every == 0 or step == t.total_steps)]
             if due:
@@ -368,7 +401,51 @@ def _train(
     bests = [t.best for t in loops if t.best is not None]
     best = loops[0].best if not multitask else (sum(bests) / len(bests) if bests else None)
     stopped_early = all(t.stopped for t in loops)
-    return TrainResult(trained, out, step, best, stopped_early, trainable, total_params, elapsed, summary)
+    return TrainResult(trained, out, step, best, stopped_early, trainable, total_params, elapsed, summary, skipped)
+
+
+def _resume_state(out: Path, model: Any) -> dict[str, Any] | None:
+    """The checkpoint's state (its tensors restored into `model`), or None when the run saved none yet."""
+    return checkpoint.load_checkpoint(out, model) if checkpoint.checkpoint_dir(out) is not None else None
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with the records up to `step` (the checkpoint's): a killed run may have logged
+    later steps, which the resumed run logs again, and may have left a torn last line."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if path.read_bytes() != text.encode():
+        atomic_write_bytes(path, text.encode())
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """The total gradient norm of `params`, clipped to `max_norm` first when clipping is on."""
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _nonfinite(losses: dict[Any, float], norms: dict[Any, float]) -> str | None:
+    """What is not finite in this step (None: nothing)."""
+    for what, values in (("loss", losses), ("gradient norm", norms)):
+        for name, value in values.items():
+            if not math.isfinite(value):
+                return f"{f'task {name}: ' if name is not None else ''}the {what} is {value}"
+    return None
+
+
+def _nonfinite_stop(step: int, problem: str, out: Path, saved_at: int | None) -> str:
+    kept = (
+        f"the checkpoint of step {saved_at} in {out} is kept: continue with --resume on_nonfinite=skip, or start "
+        "again with a lower learning rate"
+        if saved_at is not None
+        else "no checkpoint was saved yet (set --save-every); start again with a lower learning rate or "
+        "on_nonfinite=skip"
+    )
+    return f"step {step}: {problem}; training stopped before the update. {kept}"
 
 
 @contextmanager
@@ -399,10 +476,28 @@ def _say(enabled: bool, message: str) -> None:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A torn last line (the run was killed while appending it) is left out; a bad
+    line anywhere else raises our error."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise PrefixTuneError(f"cannot read {path}: {e.strerror}") from None
+    records = []
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for index, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if index == len(numbered) - 1:
+                break  # torn last line
+            raise PrefixTuneError(f"{path}:{number}: not a metrics record ({e}); delete the line") from None
+        records.append(record)
+    return records
 
 
 def plot_losses(metrics_path: Path, png: Path, title: str = "training loss") -> None:
@@ -426,7 +521,5 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "training loss") -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_save_figure(fig, png)
     plt.close(fig)
-    os.replace(tmp, png)
