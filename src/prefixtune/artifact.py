@@ -4,6 +4,7 @@
     DIR/adapter_model.safetensors  prompt_embeddings: (P, L*2*H_kv*D), the collapsed prefix
                                    prefixtune.<location>: encoder-decoder models, one per location (docs/seq2seq.md)
                                    base_model.<head>.<param>: a trained head (PEFT's modules_to_save)
+                                   (with a head, "prefixtune.labels" names the head's outputs in order)
 
 Safetensors only: nothing is ever unpickled. Every file is written atomically (temp file, fsync, rename).
 """
@@ -208,12 +209,14 @@ def save_prefix(
     *,
     encoder_decoder: bool = False,
     head: dict[str, torch.Tensor] | None = None,
+    labels: list[str] | None = None,
 ) -> Path:
     """Save one collapsed prefix, given per location as kv (L_loc, 2, H_kv, P, D), in PEFT's format.
 
     One stack (causal LM, BERT-style encoder): `prompt_embeddings` is the whole prefix. Encoder-decoder: each
     location is our own tensor `prefixtune.<location>`, and `prompt_embeddings` is the decoder prefix laid out
-    for PEFT (written only when there is one). A head is saved as PEFT saves `modules_to_save`.
+    for PEFT (written only when there is one). A head is saved as PEFT saves `modules_to_save`; `labels` (the
+    class names of its outputs, in order) go into our block.
     """
     directory = Path(path)
     try:
@@ -226,6 +229,8 @@ def save_prefix(
         "prefix": config.to_dict(),
         "base_model": base_fingerprint,
     }
+    if labels is not None:
+        ours["labels"] = list(labels)
     if encoder_decoder:
         tensors, num_layers = _encoder_decoder_tensors(parts, ours)
         task_type = "SEQ_2_SEQ_LM"
@@ -285,6 +290,7 @@ class SavedPrefix:
     base: str  # base_model_name_or_path as recorded
     base_fingerprint: dict[str, Any] | None  # None for adapters saved by PEFT
     head: dict[str, torch.Tensor] | None = None  # the head's state dict (config.head names the module)
+    labels: list[str] | None = None  # class names of the head's outputs, in order (None: not recorded)
 
 
 def _require_int(config: dict[str, Any], key: str, where: Path) -> int:
@@ -373,7 +379,16 @@ def read_prefix(path: str | os.PathLike[str]) -> SavedPrefix:
         head = {k[len(start) :]: v.float() for k, v in tensors.items() if k.startswith(start)}
         if not head:
             raise PrefixTuneError(f"{weights_path}: the config names head {config.head!r} but no tensors {start}*")
-    return SavedPrefix(directory, config, parts, str(raw.get("base_model_name_or_path") or "?"), base_fp, head)
+    labels = ours.get("labels")
+    if labels is not None and (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str) for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise PrefixTuneError(f"{config_path}: prefixtune.labels must be a list of distinct strings, got {labels!r}")
+    base = str(raw.get("base_model_name_or_path") or "?")
+    return SavedPrefix(directory, config, parts, base, base_fp, head, labels if head is not None else None)
 
 
 def _peft_head(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str | None:

@@ -61,6 +61,7 @@ class PrefixModel(nn.Module):
         self.tokenizer = tokenizer
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()  # adapter name -> its trainable copy of the task head (methods/head.py)
+        self._labels: dict[str, list[str]] = {}  # adapter name -> class names of its head's outputs
         self._head_hooks: dict[str, Any] = {}  # head module name -> hook handle
         self._row_names: list[str] | None = None  # adapter names of the current call's rows
         self.active_adapter: str | None = None
@@ -101,10 +102,11 @@ class PrefixModel(nn.Module):
         check_adapter_name(name)
         if name in self.adapters:
             raise PrefixTuneError(f"adapter {name!r} already exists; pick another name or delete_adapter it first")
+        labels = None
         if isinstance(config_or_path, PrefixConfig):
             encoder, head_state = self._new_encoder(resolve(self.base_model, self.layout, config_or_path)), None
         else:
-            encoder, head_state = self._load_encoder(config_or_path, force=force)
+            encoder, head_state, labels = self._load_encoder(config_or_path, force=force)
         device = next(self.base_model.parameters()).device
         head = encoder.config.head
         if head is not None:
@@ -113,6 +115,7 @@ class PrefixModel(nn.Module):
                 hook = route_rows(self.heads, partial(self._rows_with_head, head))
                 module = self.base_model.get_submodule(head)
                 self._head_hooks[head] = module.register_forward_hook(hook, with_kwargs=True)
+            self._labels[name] = labels or _model_labels(self.base_model)
         self.adapters[name] = encoder.to(device)
         if self.active_adapter is None:
             self.active_adapter = name
@@ -123,6 +126,7 @@ class PrefixModel(nn.Module):
         del self.adapters[name]
         if name in self.heads:
             del self.heads[name]
+        self._labels.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
 
@@ -134,6 +138,13 @@ class PrefixModel(nn.Module):
 
     def adapter_config(self, name: str | None = None) -> PrefixConfig:
         return self.adapters[self._require(name or self.active_adapter)].config
+
+    def label_names(self, name: str | None = None) -> list[str] | None:
+        """The class names of an adapter's head outputs, in order (None for an adapter without a head).
+
+        A new adapter takes the base model's `id2label`; a loaded one the labels saved with it.
+        """
+        return self._labels.get(self._require(name or self.active_adapter))
 
     def _rows_with_head(self, head: str) -> list[str] | None:
         """The current rows' adapter names, BASE for rows whose adapter has no copy of module `head`."""
@@ -154,7 +165,14 @@ class PrefixModel(nn.Module):
         base = artifact.model_name(self.base_model)
         encoder_decoder = "cross" in self.layout.locations or _is_encoder_decoder(self.base_model)
         artifact.save_prefix(
-            path, parts, encoder.config, self.fingerprint, base, encoder_decoder=encoder_decoder, head=head
+            path,
+            parts,
+            encoder.config,
+            self.fingerprint,
+            base,
+            encoder_decoder=encoder_decoder,
+            head=head,
+            labels=self._labels.get(name) if head is not None else None,
         )
 
     def detach(self) -> nn.Module:
@@ -167,6 +185,7 @@ class PrefixModel(nn.Module):
         restore_implementation(self.base_model, self._stock_implementation)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self._labels = {}
         return self.base_model
 
     def _require(self, name: str | None) -> str:
@@ -203,8 +222,8 @@ class PrefixModel(nn.Module):
 
     def _load_encoder(
         self, path: str | os.PathLike[str], force: bool
-    ) -> tuple[PrefixEncoder, dict[str, torch.Tensor] | None]:
-        """A saved prefix as a new adapter, and its head's saved weights (if it has a head)."""
+    ) -> tuple[PrefixEncoder, dict[str, torch.Tensor] | None, list[str] | None]:
+        """A saved prefix as a new adapter, its head's saved weights and label names (if it has a head)."""
         saved = artifact.read_prefix(path)
         lay = self.layout
         here = artifact.model_name(self.base_model)
@@ -229,7 +248,7 @@ class PrefixModel(nn.Module):
         config = replace(saved.config, reparameterize=False, locations=tuple(parts), head=head)
         config = resolve(self.base_model, lay, config)
         kv = lay.join(parts, config.locations)
-        return PrefixEncoder(config, kv.shape[0], lay.num_kv_heads, lay.head_dim, kv), saved.head
+        return PrefixEncoder(config, kv.shape[0], lay.num_kv_heads, lay.head_dim, kv), saved.head, saved.labels
 
     # ----- calls --------------------------------------------------------------------------------------------
 
@@ -336,6 +355,12 @@ def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _model_labels(model: nn.Module) -> list[str] | None:
+    """The model's class names in id order (its config's id2label), None when it has none."""
+    id2label = getattr(model.config, "id2label", None) or {}
+    return [str(id2label[i]) for i in range(len(id2label))] if set(id2label) == set(range(len(id2label))) else None
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
