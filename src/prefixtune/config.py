@@ -27,7 +27,10 @@ class TrainConfig:
     )
     out: str = field(default="runs/prefix", metadata={"help": "run directory: adapter, metrics, checkpoints"})
     method: str = field(default="prefix", metadata={"help": "parameter-efficient method to train"})
-    task: str = field(default="generate", metadata={"help": "generate (seq2seq text) or classify (label words)"})
+    task: str = field(
+        default="generate",
+        metadata={"help": "generate (seq2seq text) or classify (decoders: label words; encoders: a classifier head)"},
+    )
     data_dir: str | None = field(default=None, metadata={"help": "where built-in data files are looked up first"})
     source_field: str | None = field(default=None, metadata={"help": "record field holding the input"})
     target_field: str | None = field(default=None, metadata={"help": "record field holding the target"})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from . import data, metrics
+from . import classify, data, metrics
 from .errors import PrefixTuneError
 
 GENERATION_METRICS = ("bleu", "rouge")
@@ -93,7 +93,12 @@ def target_nll(
     batch_size: int = 8,
     chat_template: bool = False,
 ) -> tuple[float, int]:
-    """Summed negative log-likelihood of the target tokens (EOS included) and their count."""
+    """Summed negative log-likelihood of the target tokens (EOS included) and their count.
+
+    A sequence classifier: the summed cross-entropy of the examples' classes and the number of examples.
+    """
+    if classify.is_sequence_classifier(model):
+        return classify.target_nll(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)
     encoded, _ = data.encode(
         data.training_pairs(examples), tokenizer, max_length=max_length, chat_template=chat_template
     )
@@ -161,7 +166,14 @@ def evaluate(
     num_beams: int = 1,
     progress: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
-    """Scores (BLEU/ROUGE 0-100, accuracy 0-1, perplexity) and the generated predictions."""
+    """Scores (BLEU/ROUGE 0-100, accuracy 0-1, perplexity) and the generated predictions.
+
+    A sequence classifier (an encoder with a head) is scored by its head: accuracy, macro_f1, loss (classify.py).
+    """
+    if classify.is_sequence_classifier(model):
+        return classify.evaluate(
+            model, tokenizer, examples, metric_names=metric_names, max_length=max_length, batch_size=batch_size
+        )
     unknown = sorted(set(metric_names) - set(ALL_METRICS))
     if unknown:
         raise PrefixTuneError(f"unknown metrics {unknown}; choose from {', '.join(ALL_METRICS)}")

@@ -1,4 +1,7 @@
-"""Next-token losses for training: the mean over a batch's target tokens, and per-row sums for mixed batches."""
+"""Next-token losses for training: the mean over a batch's target tokens, and per-row sums for mixed batches.
+
+A sequence classifier (an encoder with a head, classify.py) takes the cross-entropy of its head's logits instead.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import data
+from . import classify, data
+from .classify import is_sequence_classifier
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], *, target_only: bool = True) -> torch.Tensor:
@@ -17,6 +21,8 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], *, target_only: b
     With `target_only`, the LM head runs only at positions whose next token is a target in some row (via
     transformers' `logits_to_keep`): source tokens are masked from the loss anyway, so their logits are waste.
     """
+    if is_sequence_classifier(model):
+        return classify.class_loss(model, batch)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if not target_only or not keeps_positions(model):
@@ -39,6 +45,8 @@ def row_nll(
 
     Sums, not means: the caller chooses the normalizer (train.py divides by each task's global token count).
     """
+    if is_sequence_classifier(model):
+        return classify.row_nll(model, batch, adapter_names)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if adapter_names is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data, distributed, tasks
+from . import classify, data, distributed, tasks
 from .config import TrainConfig
 from .errors import PrefixTuneError
 from .loss import row_nll
@@ -146,8 +146,9 @@ def validation_losses(
     for t in due:
         if not t.validation:
             continue
-        encoded, _ = data.encode(
-            data.training_pairs(t.validation), tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template
+        pairs = data.training_pairs(t.validation)
+        encoded, _ = classify.encode_for(
+            model, pairs, tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template
         )
         items += [(t.name, b) for b in data.batches(encoded, cfg.batch_size, shuffle=False, pad_id=pad_id)]
     names = list(dict.fromkeys(name for name, _ in items))

