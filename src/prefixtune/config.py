@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -120,7 +121,7 @@ def parse_data(raw: Any) -> str | dict[str, str]:
                 raise PrefixTuneError(f"data: task {name!r} needs a data set (a path or a built-in name), got {spec!r}")
         return tasks
     if isinstance(raw, str):
-        if "=" in raw and not Path(raw).expanduser().exists():
+        if "=" in raw and not _exists(raw):
             items = raw.split(",") if all("=" in piece for piece in raw.split(",")) else [raw]
         else:
             items = [raw]
@@ -128,7 +129,7 @@ def parse_data(raw: Any) -> str | dict[str, str]:
         items = list(raw)
     else:
         raise PrefixTuneError(f"data must be a data set or a mapping of task name -> data set, got {raw!r}")
-    pairs = [item.partition("=") if not Path(item).expanduser().exists() else ("", "", item) for item in items]
+    pairs = [item.partition("=") if not _exists(item) else ("", "", item) for item in items]
     if len(items) == 1 and not pairs[0][1]:
         return items[0]
     tasks: dict[str, str] = {}
@@ -139,6 +140,13 @@ def parse_data(raw: Any) -> str | dict[str, str]:
             raise PrefixTuneError(f"data: task {name!r} is given twice")
         tasks[name] = spec
     return tasks
+
+
+def _exists(item: str) -> bool:
+    try:
+        return Path(item).expanduser().exists()
+    except (RuntimeError, ValueError, OSError):  # "~unknownuser/...", a NUL byte: not an existing path
+        return False
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -157,6 +165,8 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
         if optional:
             return None
         raise PrefixTuneError(f"{name} cannot be empty")
+    if isinstance(raw, (dict, list, tuple, set, bytes)):  # str() would silently turn it into its Python repr
+        raise PrefixTuneError(f"{name} takes one value, got a {type(raw).__name__} ({_short(raw)})")
     try:
         if base is bool:
             if isinstance(raw, bool):
@@ -171,10 +181,18 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
                 raise ValueError
             return int(raw)
         if base is float:
-            return float(raw)
+            number = float(raw)
+            if not math.isfinite(number):
+                raise PrefixTuneError(f"{name} must be a finite number, got {raw!r}")
+            return number
         return str(raw)
-    except (TypeError, ValueError):
-        raise PrefixTuneError(f"{name}: {raw!r} is not a valid {base.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise PrefixTuneError(f"{name}: {_short(raw)} is not a valid {base.__name__}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def build_config(
@@ -189,15 +207,22 @@ def build_config(
     merged: dict[str, Any] = {}
     if file:
         try:
-            loaded = yaml.safe_load(Path(file).read_text())
+            loaded = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
         except OSError as e:
             raise PrefixTuneError(f"cannot read config file {file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise PrefixTuneError(f"{file}: cannot read as UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise PrefixTuneError(f"{file}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise PrefixTuneError(f"{file}: not valid YAML ({(str(e).splitlines() or ['?'])[0]})") from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:  # "!!int abc", month 13, deep nesting
+            raise PrefixTuneError(f"{file}: not valid YAML ({type(e).__name__}: {str(e)[:200]})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise PrefixTuneError(f"{file}: expected a mapping of field: value")
+        keys = [k for k in loaded if not isinstance(k, str)]
+        if keys:
+            raise PrefixTuneError(f"{file}: setting names must be text, got {_short(keys[0])}")
         merged.update({k.replace("-", "_"): v for k, v in loaded.items()})
     merged.update({k: v for k, v in values.items() if v is not None})
     for item in overrides:
@@ -205,7 +230,15 @@ def build_config(
         if not sep or not key:
             raise PrefixTuneError(f"override {item!r} is not of the form key=value")
         merged[key.strip().replace("-", "_")] = value
-    options = dict(merged.pop("options", None) or {})
+    options = merged.pop("options", None)
+    if options is None or options == "":
+        options = {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise PrefixTuneError(
+            f"options must be a mapping of method option: value, got {_short(options)}; "
+            "or give each option as its own key (e.g. num_virtual_tokens=10)"
+        )
+    options = dict(options)
     extra = {k: merged.pop(k) for k in sorted(set(merged) - known)}
     if extra:
         method = merged.get("method", next(f.default for f in fields(cls) if f.name == "method"))
@@ -227,7 +260,7 @@ def _scalar(value: Any) -> Any:
         return value
     try:
         parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
         return value
     return parsed if isinstance(parsed, (bool, int, float)) or parsed is None else value
 

@@ -41,11 +41,11 @@ class AdapterConfig:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        if self.style not in ("houlsby", "pfeiffer"):
+        if not isinstance(self.style, str) or self.style not in ("houlsby", "pfeiffer"):
             raise PrefixTuneError(f"style must be 'houlsby' or 'pfeiffer', got {self.style!r}")
-        if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1:
+        if not isinstance(self.bottleneck_dim, int) or isinstance(self.bottleneck_dim, bool) or self.bottleneck_dim < 1:
             raise PrefixTuneError(f"bottleneck_dim must be an integer >= 1, got {self.bottleneck_dim!r}")
-        if self.activation not in _ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
             raise PrefixTuneError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
 
     @property

@@ -30,10 +30,16 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
             raise PrefixTuneError(f"r must be an integer >= 1, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PrefixTuneError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise PrefixTuneError(f"alpha must be a number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise PrefixTuneError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        targets = self.target_modules
+        if targets is not None and targets != "all-linear":
+            if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(m, str) for m in targets):
+                raise PrefixTuneError(f"target_modules must be module names or 'all-linear', got {targets!r}")
 
     def to_peft(self, model: nn.Module) -> peft.LoraConfig:
         targets = self.target_modules

@@ -59,6 +59,8 @@ class PrefixConfig:
     def __post_init__(self) -> None:
         if isinstance(self.locations, str):  # "encoder,cross" from a command-line override
             self.locations = tuple(loc.strip() for loc in self.locations.split(",") if loc.strip())
+        if self.locations is not None and not isinstance(self.locations, (list, tuple)):
+            raise PrefixTuneError(f"locations must be a list drawn from {list(LOCATIONS)}, got {self.locations!r}")
         if self.locations is not None:
             if not all(loc in LOCATIONS for loc in self.locations):
                 raise PrefixTuneError(f"locations must be a list drawn from {list(LOCATIONS)}, got {self.locations!r}")
@@ -67,20 +69,24 @@ class PrefixConfig:
             self.locations = tuple(loc for loc in LOCATIONS if loc in self.locations)
         if self.head is not None and (not isinstance(self.head, str) or not self.head):
             raise PrefixTuneError(f"head must be 'auto', a module name or None, got {self.head!r}")
+        if self.init_text is not None and not isinstance(self.init_text, str):
+            raise PrefixTuneError(f"init_text must be text, got {self.init_text!r}")
         if self.init_text is not None and self.init == "vocab":
             self.init = "text"
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 0:
+        if not _is_int(self.num_virtual_tokens) or self.num_virtual_tokens < 0:
             raise PrefixTuneError(f"num_virtual_tokens must be an integer >= 0, got {self.num_virtual_tokens!r}")
-        if self.projection_dim < 1:
-            raise PrefixTuneError(f"projection_dim must be >= 1, got {self.projection_dim}")
+        if not _is_int(self.projection_dim) or self.projection_dim < 1:
+            raise PrefixTuneError(f"projection_dim must be an integer >= 1, got {self.projection_dim!r}")
+        if not isinstance(self.reparameterize, bool):
+            raise PrefixTuneError(f"reparameterize must be true or false, got {self.reparameterize!r}")
         if self.init not in ("random", "vocab", "text"):
             raise PrefixTuneError(f"init must be 'random', 'vocab' or 'text', got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise PrefixTuneError("init='text' needs init_text, e.g. init_text='table-to-text:'")
         if self.position_convention not in ("peft", "zero"):
             raise PrefixTuneError(f"position_convention must be 'peft' or 'zero', got {self.position_convention!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PrefixTuneError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise PrefixTuneError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +151,14 @@ class PrefixEncoder(nn.Module):
             nn.init.zeros_(self.mlp[2].bias)
         else:
             self.kv.copy_(kv)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def to_peft_embeddings(kv: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,12 @@ class PromptConfig:
     init_text: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_text is not None and not isinstance(self.init_text, str):
+            raise PrefixTuneError(f"init_text must be text, got {self.init_text!r}")
         if self.init_text is not None and self.init == "vocab":
             self.init = "text"
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+        p = self.num_virtual_tokens
+        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
             raise PrefixTuneError(f"num_virtual_tokens must be an integer >= 1, got {self.num_virtual_tokens!r}")
         if self.init not in ("random", "vocab", "text"):
             raise PrefixTuneError(f"init must be 'random', 'vocab' or 'text', got {self.init!r}")
