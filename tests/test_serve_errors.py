@@ -251,3 +251,92 @@ def test_client_giving_up_on_a_non_streaming_request_frees_its_row(server: LiveS
 def test_unknown_route_and_method(server: LiveServer) -> None:
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
     assert httpx.get(server.url + "/v1/completions").status_code == 405
+
+
+def test_extreme_sampling_parameters_fail_nobody(server: LiveServer) -> None:
+    """temperature 1e-45 and top_p 1e-300 are in range: they sample (here: the greedy token), and a request
+    decoded in the same batch is not hurt (they used to make softmax NaN and fail the whole batch with 500)."""
+    done: dict[str, Any] = {}
+    other = threading.Thread(target=lambda: done.update(r=completion(server, max_tokens=200)))
+    other.start()
+    _wait_for(lambda: _gauge(server, "prefixtune_running_requests") >= 1)
+    greedy = completion(server, max_tokens=6).json()["choices"][0]["text"]
+    for fields in ({"temperature": 1e-45}, {"temperature": 1e-320}, {"temperature": 1.0, "top_p": 1e-300}):
+        r = completion(server, max_tokens=6, seed=3, **fields)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+    other.join(60)
+    assert done["r"].status_code == 200 and done["r"].json()["usage"]["completion_tokens"] == 200
+
+
+def test_more_completions_than_the_queue_holds_is_400(server: LiveServer) -> None:
+    """17 prompts x n=16 = 272 rows can never wait in a queue of 256: 400, not a 429 that retrying cannot cure."""
+    r = completion(server, prompt=["the cat"] * 17, n=16, max_tokens=1)
+    assert r.status_code == 400 and "--max-queue" in r.json()["error"]["message"], r.text
+    assert completion(server, prompt=["the cat"] * 2, n=16, max_tokens=1).status_code == 200
+
+
+def test_chat_template_refusal_and_tokens_outside_the_vocabulary_are_400(setup: dict[str, Any]) -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('system messages are not "
+        "supported') }}{% endif %}{{ m['content'] }} {% endfor %}"
+    )
+    tokenizer.add_tokens(["zebra"])  # id 85: the model's embedding has 85 rows (0..84)
+    app = create_app(setup["model"], tokenizer, adapters_dir=setup["adapters"])
+    with LiveServer(app) as live:
+        chat = {"model": "alpha", "max_tokens": 2, **GREEDY}
+        r = post(live, "/v1/chat/completions", json=chat | {"messages": [{"role": "system", "content": "the"}]})
+        assert r.status_code == 400 and "system messages are not supported" in r.json()["error"]["message"]
+        r = post(live, "/v1/chat/completions", json=chat | {"messages": [{"role": "user", "content": "the cat"}]})
+        assert r.status_code == 200, r.text
+        r = completion(live, prompt="the zebra")
+        assert r.status_code == 400 and "outside the model's vocabulary" in r.json()["error"]["message"]
+        assert completion(live).status_code == 200
+
+
+def test_a_failing_request_fails_alone(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faults injected into one request's sampling and into one prefill: that request gets an error, a request
+    streaming alongside finishes whole, and the model thread keeps serving."""
+    import prefixtune.serve.batch as batch_module
+    import prefixtune.serve.scheduler as scheduler_module
+
+    real_sample, real_prefill = scheduler_module.sample, batch_module.RunningBatch.prefill
+
+    def sample(logits: Any, params: Any, generator: Any) -> int:
+        if params.seed == 666:
+            raise RuntimeError("injected sampling fault")
+        return real_sample(logits, params, generator)
+
+    def prefill(self: Any, prompts: Any, adapters: Any) -> Any:
+        if any(len(p) == 13 for p in prompts):
+            raise RuntimeError("injected prefill fault")
+        return real_prefill(self, prompts, adapters)
+
+    monkeypatch.setattr(scheduler_module, "sample", sample)
+    monkeypatch.setattr(batch_module.RunningBatch, "prefill", prefill)
+    seen: dict[str, Any] = {"text": ""}
+
+    def stream() -> None:
+        body = {"model": "beta", "prompt": "the cat", "max_tokens": 150, "stream": True, **GREEDY}
+        with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    seen["text"] += chunk["choices"][0]["text"]
+                    seen["reason"] = chunk["choices"][0]["finish_reason"] or seen.get("reason")
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    _wait_for(lambda: _gauge(server, "prefixtune_running_requests") >= 1)
+    r = completion(server, temperature=1.0, seed=666)
+    assert r.status_code == 500 and "injected sampling fault" in r.json()["error"]["message"]
+    r = completion(server, prompt=" ".join(["the"] * 13))
+    assert r.status_code == 500 and "injected prefill fault" in r.json()["error"]["message"]
+    reader.join(60)
+    assert seen["reason"] == "length"
+    monkeypatch.undo()
+    alone = completion(server, model="beta", max_tokens=150).json()["choices"][0]["text"]
+    assert seen["text"] == alone  # the stream went on undisturbed, token for token
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"

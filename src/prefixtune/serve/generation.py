@@ -44,7 +44,10 @@ def render_chat(tokenizer: Any, body: ChatCompletionRequest) -> str:
     """The tokenizer's chat template when it has one; otherwise plain `role: text` lines."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # templates raise on what they refuse (e.g. roles that do not alternate)
+            raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
@@ -58,6 +61,13 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             prompts = [state.tokenizer(text)["input_ids"] for text in texts]
+    if len(prompts) * body.n > state.scheduler.max_queue:  # could never be queued at once: retrying cannot help
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} completions; this server queues "
+            f"at most {state.scheduler.max_queue} (--max-queue): send fewer at a time",
+            param="n" if body.n > 1 else "prompt",
+        )
     limit = state.registry.context_limit(adapter)
     asked = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
@@ -65,6 +75,12 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
+        if max(ids) >= state.scheduler.vocab_size:  # a tokenizer with tokens the model has no embedding for
+            raise APIError(
+                400,
+                f"the prompt has token id {max(ids)}, outside the model's vocabulary of {state.scheduler.vocab_size}",
+                param="prompt",
+            )
         if len(ids) >= limit:
             raise APIError(
                 400, f"the prompt has {len(ids)} tokens; {body.model!r} takes at most {limit - 1}", param="prompt"

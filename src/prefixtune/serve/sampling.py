@@ -29,11 +29,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from one row's logits (V,)."""
     if params.temperature <= 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    # float64, and the largest logit subtracted first: any temperature > 0 the API accepts (1e-45 too) gives
+    # finite probabilities (in float32, logits / 1e-45 overflow to inf and softmax returns NaN)
+    logits = logits.detach().to("cpu", torch.float64)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
-        sorted_probs[before >= params.top_p] = 0.0  # the smallest set whose mass reaches top_p is kept
+        drop = before >= params.top_p  # the smallest set whose mass reaches top_p is kept
+        drop[0] = False  # and never less than the most likely token, however small top_p is
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 

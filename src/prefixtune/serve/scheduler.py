@@ -84,6 +84,7 @@ class Scheduler:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.batch = RunningBatch(model, pad if pad is not None else 0)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.vocab_size = int(model.base_model.get_input_embeddings().weight.shape[0])
         self.rows: list[GenerationRequest] = []  # aligned with self.batch's rows
         self._waiting: deque[GenerationRequest] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -149,30 +150,53 @@ class Scheduler:
                     break
                 commands = list(self._commands)
                 self._commands.clear()
-            for fn, future in commands:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:  # handed to the caller, who reports it
-                        future.set_exception(exc)
-            self._retire_unused()
-            self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
-            admitted = self._admit()
             try:
-                if admitted:
-                    self._prefill(admitted)
-                if self.rows:
-                    self._decode()
-            except Exception as exc:  # a bug or out of memory: fail these requests, keep serving
-                log.exception("model step failed")
-                for request in self.rows + admitted:
-                    self._emit(request, Event(error=f"generation failed: {exc}"))
+                self._step(commands)
+            except Exception as exc:  # a bug outside a forward pass: fail the running rows, keep the thread alive
+                log.exception("scheduler step failed")
+                self._fail(self.rows, exc)
                 self.rows = []
                 self.batch.keep([])
             self._deliver()
         for request in self.rows + list(self._waiting):
             self._emit(request, Event(error="the server is shutting down"))
         self._deliver()
+
+    def _step(self, commands: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
+        """Between two decode steps: commands, retirements, departures, admissions; then one decode step."""
+        for fn, future in commands:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, who reports it
+                    future.set_exception(exc)
+        self._retire_unused()
+        self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
+        admitted = self._admit()
+        if admitted:
+            try:
+                self._prefill(admitted)
+            except Exception as exc:  # the new rows fail; the rows already running go on
+                log.exception("prefill failed")
+                self._fail(admitted, exc)
+                if len(self.batch) != len(self.rows):  # failed half-way through the merge: start afresh
+                    self._fail(self.rows, exc)
+                    self.rows = []
+                    self.batch.keep([])
+                else:
+                    self._drop([i for i, r in enumerate(self.rows) if any(r is a for a in admitted)])
+        if self.rows:
+            try:
+                self._decode()
+            except Exception as exc:  # a bug or out of memory in the forward pass: fail its rows, keep serving
+                log.exception("decode step failed")
+                self._fail(self.rows, exc)
+                self.rows = []
+                self.batch.keep([])
+
+    def _fail(self, requests: list[GenerationRequest], exc: Exception) -> None:
+        for request in requests:
+            self._emit(request, Event(error=f"generation failed: {exc}"))
 
     def _emit(self, request: GenerationRequest, event: Event) -> None:
         self._outbox.append((request, event))
@@ -238,12 +262,20 @@ class Scheduler:
     def _advance_all(self, requests: list[GenerationRequest], logits: torch.Tensor, first: int) -> None:
         """Each request's next token from its logits row; finished rows leave the batch."""
         greedy = logits.argmax(dim=-1).tolist()  # one call for all rows; sampled rows draw below
-        tokens = [
-            g if r.params.temperature <= 0.0 else sample(row, r.params, r.generator)  # type: ignore[arg-type]
-            for r, row, g in zip(requests, logits, greedy)
-        ]
+        finished = []
+        for i, (request, row, token) in enumerate(zip(requests, logits, greedy)):
+            try:
+                if request.params.temperature > 0.0:
+                    token = sample(row, request.params, request.generator)  # type: ignore[arg-type]
+                done = self._advance(request, token)
+            except Exception as exc:  # this request's sampling or detokenization: it alone fails
+                log.exception("request failed")
+                self._fail([request], exc)
+                done = True
+            if done:
+                finished.append(first + i)
         self.metrics.add_tokens(completion=len(requests))
-        self._drop([first + i for i, (r, t) in enumerate(zip(requests, tokens)) if self._advance(r, t)])
+        self._drop(finished)
 
     def _advance(self, request: GenerationRequest, token: int) -> bool:
         """Report the row's next token; True when the request is finished."""
