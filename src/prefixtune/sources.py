@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .artifact import atomic_write_bytes
+from .artifact import atomic_write_bytes, fsync_tree
 from .errors import PrefixTuneError
 
 
@@ -195,6 +195,7 @@ def _convert_alias(spec: ModelAlias, scratch: Path, target: Path) -> None:
     tokenizer.save_pretrained(staged)
     provenance = {"alias": spec.name, "requirement": spec.requirement, "gguf": spec.gguf_member}
     atomic_write_bytes(staged / _PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())
+    fsync_tree(staged)  # on disk before it is renamed in: a crash after the rename never finds empty files
     if target.exists():  # an incomplete copy left by something else: replace it
         shutil.rmtree(target)
     os.replace(staged, target)  # the copy appears whole or not at all
@@ -221,6 +222,7 @@ def _copy_directory_alias(spec: ModelAlias, wheel: Path, scratch: Path, target: 
         raise PrefixTuneError(f"the model in {spec.requirement} does not load: {_first_line(e)}") from None
     provenance = {"alias": spec.name, "requirement": spec.requirement, "directory": spec.directory_member}
     atomic_write_bytes(staged / _PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())
+    fsync_tree(staged)  # on disk before it is renamed in: a crash after the rename never finds empty files
     if target.exists():  # an incomplete copy left by something else: replace it
         shutil.rmtree(target)
     os.replace(staged, target)  # the copy appears whole or not at all
