@@ -405,9 +405,10 @@ def test_remove_stale_temp_takes_only_our_temporaries(tmp_path: Path) -> None:
     assert left == sorted(keep)
 
 
-# Every place that writes a file, and why it may do so without going through artifact.atomic_*: (file, code it
-# contains). Anything else that writes (open for writing, write_text/bytes, savefig, save_file, torch.save,
-# save_pretrained, json/yaml dump to a file, copyfile) fails this test.
+# Every place in src/ that writes a file, and why it may do so without going through artifact.atomic_*: (file, code
+# it contains). Anything else that writes (open for writing, write_text/bytes, savefig, save_file, torch.save,
+# save_pretrained, json/yaml dump to a file, copyfile) fails this test. In bench/ only the results a script is told
+# to write (a path from its arguments) are held to this; its scratch inputs live in temporary directories.
 ALLOWED_WRITES = [
     ("artifact.py", "Path(tmp).write_bytes(data)"),  # the atomic writers themselves: into the temporary file
     ("artifact.py", "save_file(tensors, tmp, metadata=metadata)"),
@@ -423,9 +424,6 @@ ALLOWED_WRITES = [
     ("lora.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),  # atomic_save_directory
     ("combo.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),
     ("full.py", "artifact.atomic_save_directory(directory, self.model.save_pretrained)"),
-    ("multitask.py", ".save_pretrained(directory)"),  # the benchmark's own inputs, in a temporary directory
-    ("multitask.py", '(root / f"{name}.jsonl").write_text('),
-    ("multitask.py", '(root / "all.jsonl").write_text('),
 ]
 WRITES = re.compile(
     r"open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|savefig\(|save_file\(|torch\.save\(|"
@@ -439,7 +437,7 @@ def test_every_file_write_is_atomic_or_listed(root: str) -> None:
     for path in sorted((HERE.parent / root).rglob("*.py")):
         for line in path.read_text().splitlines():
             code = line.split("#")[0].strip()
-            if WRITES.search(code) and not code.startswith(('"', "'")):
+            if WRITES.search(code) and not code.startswith(('"', "'")) and (root == "src" or "args." in code):
                 found.add((path.name, code))
     unexpected = sorted(
         (name, code) for name, code in found if not any(name == f and part in code for f, part in ALLOWED_WRITES)
