@@ -91,9 +91,10 @@ def _greedy_without_cache(pm: prefixtune.PrefixModel, ids: torch.Tensor, names: 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_generate_with_cache_matches_full_recompute(arch: str, attn: str) -> None:
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "a"]], ids=["mixed", "one-adapter"])
+def test_generate_with_cache_matches_full_recompute(arch: str, attn: str, names: list[str]) -> None:
+    # "one-adapter": every prefix column visible, so decode steps run without any mask (the fast path)
     pm = _attach_two(tiny(arch, attn))
-    names = ["a", "b"]
     out = pm.generate(
         input_ids=IDS,
         attention_mask=torch.ones_like(IDS),
@@ -265,3 +266,17 @@ def test_detach_restores_the_base_model() -> None:
     assert back is base and base.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=IDS).logits, plain, rtol=0, atol=0)
+
+
+def test_mask_is_widened_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefixtune.attention as attention
+
+    pm = _attach_two(tiny("llama-gqa"))
+    calls = []
+    widen = attention._widen_mask
+    monkeypatch.setattr(attention, "_widen_mask", lambda *a, **k: calls.append(1) or widen(*a, **k))
+    pm(input_ids=IDS, adapter_names=["a", "b"])
+    assert len(calls) == 1  # not once per layer
+    calls.clear()
+    pm.generate(input_ids=IDS[:1], adapter_names=["a"], max_new_tokens=3, do_sample=False)
+    assert len(calls) == 1  # the prompt; the decode steps of a fully visible prefix need no mask

@@ -46,6 +46,11 @@ class PrefixBatch:
     visible:      (L, B, P) bool, False for padding columns and where a row's adapter has no prefix at a layer.
     offsets:      (B,) long, added to each row's position ids (the PEFT convention puts real tokens at P..P+T-1).
     layers:       which layers any row has a prefix at (others are skipped); None = all.
+
+    Facts read once when the batch is built, so that no attention call has to synchronize to learn them:
+    all_visible:  every column of every row at every layer is visible (one adapter or equal lengths, all layers);
+    layer_uniform: `visible` is the same at every layer (the widened mask can be shared by all layers);
+    has_offsets:  some row's positions are shifted.
     """
 
     keys: torch.Tensor
@@ -53,6 +58,9 @@ class PrefixBatch:
     visible: torch.Tensor
     offsets: torch.Tensor
     layers: frozenset[int] | None = None
+    all_visible: bool = False
+    layer_uniform: bool = False
+    has_offsets: bool = True
 
     @property
     def rows(self) -> int:
@@ -70,6 +78,9 @@ class PrefixBatch:
             visible=self.visible.repeat_interleave(times, dim=1),
             offsets=self.offsets.repeat_interleave(times, dim=0),
             layers=self.layers,
+            all_visible=self.all_visible,
+            layer_uniform=self.layer_uniform,
+            has_offsets=self.has_offsets,
         )
 
 
@@ -82,6 +93,36 @@ class PrefixRouter:
     # When a list: attention calls append (module, query length, key, value) here instead of using a prefix.
     recording: list[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] | None = None
     _expanded: tuple[PrefixBatch, PrefixBatch] | None = None  # (batch, batch with rows repeated)
+    # The last widened mask, keyed by (batch, the model's mask object, (layer or -1, shapes, dtype, kind)). Every
+    # layer of one forward gets the same mask object, so the widening happens once per forward, not per layer.
+    _widened: tuple[PrefixBatch, torch.Tensor | None, tuple[Any, ...], torch.Tensor] | None = None
+
+    def widened_mask(
+        self,
+        batch: PrefixBatch,
+        layer: int,
+        mask: torch.Tensor | None,
+        q_len: int,
+        kv_len: int,
+        dtype: torch.dtype,
+        eager: bool,
+        causal: bool,
+    ) -> torch.Tensor | None:
+        """`mask` with the prefix columns prepended, or None where the kernel needs no mask at all: a decode step
+        (one query, or a bidirectional layer) with nothing masked, whose prefix columns are all visible."""
+        if mask is None and batch.all_visible and (q_len == 1 or not causal):
+            return None
+        facts = (-1 if batch.layer_uniform else layer, q_len, kv_len, dtype, eager, causal)
+        cached = self._widened
+        if cached is not None and cached[0] is batch and cached[1] is mask and cached[2] == facts:
+            return cached[3]
+        widened = _widen_mask(mask, batch.visible[layer], q_len, kv_len, dtype, eager, causal)
+        self._widened = (batch, mask, facts, widened)  # holds `mask`, so its identity cannot be reused meanwhile
+        return widened
+
+    def clear(self) -> None:
+        self.batch = None
+        self._widened = None
 
     def batch_for(self, rows: int) -> PrefixBatch:
         """The current batch for a call with `rows` rows: generate repeats each input row for beams and
@@ -164,14 +205,17 @@ def _make_prefix_attention(base: str) -> Callable[..., Any]:
             if batch.layers is None or layer in batch.layers:
                 causal = kwargs.get("is_causal")
                 causal = getattr(module, "is_causal", True) if causal is None else causal
-                attention_mask = _widen_mask(
-                    attention_mask, batch.visible[layer], query.shape[2], key.shape[2], query.dtype, eager, causal
+                attention_mask = router.widened_mask(
+                    batch, layer, attention_mask, query.shape[2], key.shape[2], query.dtype, eager, bool(causal)
                 )
                 bias = kwargs.get("position_bias")
                 if isinstance(bias, torch.Tensor) and bias.shape[-1] == key.shape[2]:  # T5: (B|1, H, T, S)
                     kwargs["position_bias"] = nn.functional.pad(bias, (batch.width, 0))  # no bias on the prefix
-                key = torch.cat([batch.keys[layer].to(key.dtype), key], dim=2)  # (B, H_kv, P + S, D)
-                value = torch.cat([batch.values[layer].to(value.dtype), value], dim=2)
+                prefix_k, prefix_v = batch.keys[layer], batch.values[layer]
+                if prefix_k.dtype != key.dtype:
+                    prefix_k, prefix_v = prefix_k.to(key.dtype), prefix_v.to(value.dtype)
+                key = torch.cat([prefix_k, key], dim=2)  # (B, H_kv, P + S, D)
+                value = torch.cat([prefix_v, value], dim=2)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention

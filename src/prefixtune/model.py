@@ -275,7 +275,7 @@ class PrefixModel(nn.Module):
         try:
             yield
         finally:
-            self.router.batch = None
+            self.router.clear()
             self._row_names = None
 
     def prefix_batch(self, adapter_names: Sequence[str] | None, rows: int) -> PrefixBatch:
@@ -317,17 +317,25 @@ class PrefixModel(nn.Module):
             [n != BASE and self.adapters[n].config.position_convention == "peft" for n in names], device=device
         )
         covered = frozenset(i for n in used for i in layers[n])
+        every_layer = [len(layers[n]) == lay.num_layers for n in used]
         return PrefixBatch(
             keys=stacked[:, :, 0].transpose(0, 1),
             values=stacked[:, :, 1].transpose(0, 1),
             visible=torch.stack(seen)[index].transpose(0, 1),  # (L, B, P_max)
             offsets=torch.where(peft_rows, row_len, torch.zeros_like(row_len)),
             layers=None if len(covered) == lay.num_layers else covered,
+            # Plain Python facts (no tensor reads): every row has a full-width prefix on every layer, or at least
+            # the same columns at every layer; some row is shifted.
+            all_visible=BASE not in names and all(every_layer) and all(n == width for n in lengths.values()),
+            layer_uniform=all(every_layer),
+            has_offsets=any(
+                n != BASE and self.adapters[n].config.position_convention == "peft" and lengths[n] > 0 for n in names
+            ),
         )
 
     def _offset_positions(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Forward pre-hook on the base model: expand the prefix batch for beams and shift position ids."""
-        if self.router.batch is None or not bool(self.router.batch.offsets.any()):
+        if self.router.batch is None or not self.router.batch.has_offsets:
             return None  # also every encoder and encoder-decoder model: their prefixes have no positions
         batch = self.router.batch_for(_batch_rows(args, kwargs))
         reference = args[0] if args else kwargs.get("input_ids")

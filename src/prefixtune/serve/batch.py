@@ -122,7 +122,7 @@ class RunningBatch:
                 **self._last_only,
             )
         finally:
-            router.batch = None
+            router.clear()
         return out.logits[:, -1, :].float()  # (B, V); left padding puts every row's last token last
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, adapters: list[str]) -> None:
