@@ -303,8 +303,8 @@ def _require_int(config: dict[str, Any], key: str, where: Path) -> int:
 def _read_json(config_path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrefixTuneError(f"{config_path}: not valid JSON ({e}); re-save the adapter") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
+        raise PrefixTuneError(f"{config_path}: not valid JSON ({str(e)[:200]}); re-save the adapter") from None
     if not isinstance(raw, dict):
         raise PrefixTuneError(f"{config_path}: expected a JSON object")
     return raw
@@ -318,9 +318,10 @@ def _embeddings(tensors: dict[str, torch.Tensor], key: str, expected: tuple[int,
         raise PrefixTuneError(
             f"{where}: {key} is {tuple(emb.shape)} {emb.dtype}, the config says a float tensor {expected}"
         )
+    emb = emb.float()  # before the check: isfinite has no float8 kernel, and float64 may overflow float32
     if not torch.isfinite(emb).all():
-        raise PrefixTuneError(f"{where}: {key} holds NaN or infinite values")
-    return emb.float()
+        raise PrefixTuneError(f"{where}: {key} holds NaN or infinite values (or values too large for float32)")
+    return emb
 
 
 def read_prefix(path: str | os.PathLike[str]) -> SavedPrefix:
@@ -393,5 +394,7 @@ def read_prefix(path: str | os.PathLike[str]) -> SavedPrefix:
 
 def _peft_head(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str | None:
     """The modules_to_save entry of a PEFT adapter that has saved tensors (a classifier head), if any."""
-    names = [n for n in raw.get("modules_to_save") or [] if isinstance(n, str)]
+    listed = raw.get("modules_to_save") or []
+    listed = [listed] if isinstance(listed, str) else listed if isinstance(listed, list) else []
+    names = [n for n in listed if isinstance(n, str)]
     return next((n for n in names if any(k.startswith(f"{HEAD_KEY}{n}.") for k in tensors)), None)

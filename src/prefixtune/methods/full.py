@@ -88,13 +88,16 @@ def load_full(model: nn.Module, directory: str | os.PathLike[str]) -> FullModel:
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())
         config = FullConfig(**meta["full"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise PrefixTuneError(f"{directory}: not a full fine-tuning directory ({CONFIG_FILE}: {e})") from None
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         attention = None
     try:
         loaded = type(model).from_pretrained(directory, dtype=model.dtype, attn_implementation=attention)
-    except (OSError, ValueError) as e:
-        raise PrefixTuneError(f"cannot load the fine-tuned model in {directory}: {e}") from None
+    except Exception as e:  # transformers and safetensors raise many types for a bad config.json or bad weights
+        message = (str(e).splitlines() or [""])[0][:300]
+        raise PrefixTuneError(
+            f"cannot load the fine-tuned model in {directory}: {type(e).__name__}: {message}; re-save it"
+        ) from None
     return FullModel(loaded.to(next(model.parameters()).device), config)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import peft
 import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import artifact
@@ -66,10 +68,29 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> peft.PeftModel:
 def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.PeftModel:
     """Load a PEFT LoRA adapter directory onto `model` (trainable, so training can resume)."""
     was_training = model.training
+    weights = Path(directory) / "adapter_model.safetensors"
+    if weights.is_file():  # read it whole first: PEFT puts LoRA layers into `model` before it reads the weights
+        try:
+            load_file(weights)
+        except Exception as e:  # safetensors raises several types for corrupt or truncated files
+            raise PrefixTuneError(f"{weights}: corrupt or truncated safetensors file ({e}); re-save it") from None
+    # PEFT injects LoRA layers (and freezes the base) before it finds that the weights do not fit: keep what is
+    # needed to give the model back as it was
+    children = [(module, dict(module._modules)) for module in model.modules()]
+    grads = [(param, param.requires_grad) for param in model.parameters()]
+    attributes = set(vars(model))
     try:
         peft_model = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise PrefixTuneError(f"cannot load the LoRA adapter in {directory}: {e}") from None
+    except Exception as e:  # PEFT, transformers and safetensors raise many types for a bad config or bad weights
+        for module, kept in children:
+            module._modules.clear()
+            module._modules.update(kept)
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        for name in set(vars(model)) - attributes:  # peft_config
+            delattr(model, name)
+        message = (str(e).splitlines() or [""])[0][:300]
+        raise PrefixTuneError(f"cannot load the LoRA adapter in {directory}: {type(e).__name__}: {message}") from None
     return peft_model.train(was_training)
 
 

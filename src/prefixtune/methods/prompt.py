@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,10 +282,11 @@ def read_prompt(
     config_path, weights_path = directory / artifact.ADAPTER_CONFIG, directory / artifact.ADAPTER_WEIGHTS
     try:
         raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrefixTuneError(f"{config_path}: cannot read a prompt-tuning config ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
+        raise PrefixTuneError(f"{config_path}: cannot read a prompt-tuning config ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "PROMPT_TUNING":
-        raise PrefixTuneError(f"{config_path}: not a prompt-tuning adapter (peft_type {raw.get('peft_type')!r})")
+        peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
+        raise PrefixTuneError(f"{config_path}: not a prompt-tuning adapter (peft_type {peft_type!r})")
     try:
         prompt = load_file(weights_path)[artifact.PEFT_KEY]
     except FileNotFoundError:
@@ -300,6 +302,11 @@ def read_prompt(
             f"({artifact.model_name(model)}, hidden size {hidden}; "
             f"the config says num_virtual_tokens={raw.get('num_virtual_tokens')})"
         )
+    if not prompt.is_floating_point():
+        raise PrefixTuneError(f"{weights_path}: {artifact.PEFT_KEY} is {prompt.dtype}, not a float tensor")
+    prompt = prompt.float()  # before the check: isfinite has no float8 kernel, and float64 may overflow float32
+    if not torch.isfinite(prompt).all():
+        raise PrefixTuneError(f"{weights_path}: {artifact.PEFT_KEY} holds NaN or infinite values")
     ours = raw.get("prefixtune") if isinstance(raw.get("prefixtune"), dict) else {}
     saved_base = ours.get("base_model")
     if isinstance(saved_base, dict) and saved_base != _base_identity(model) and not force:
@@ -308,5 +315,8 @@ def read_prompt(
             f"{artifact.model_name(model)}; pass force=True (--force) to load it anyway"
         )
     fields = ours.get("prompt") if isinstance(ours.get("prompt"), dict) else {"init": "random"}
+    unknown = sorted(set(fields) - {f.name for f in dataclass_fields(PromptConfig)})
+    if unknown:
+        raise PrefixTuneError(f"{config_path}: unknown prefixtune.prompt fields {unknown}; re-save the prompt")
     config = PromptConfig(**{**fields, "num_virtual_tokens": int(prompt.shape[0])})
-    return config, prompt.float()
+    return config, prompt
