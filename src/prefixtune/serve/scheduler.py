@@ -21,7 +21,7 @@ import torch
 from ..model import BASE, PrefixModel
 from .batch import RunningBatch
 from .metrics import Metrics
-from .sampling import SamplingParams, TextStream, sample
+from .sampling import SamplingParams, TextStream, sample, sample_rows
 
 log = logging.getLogger("prefixtune.serve")
 
@@ -261,12 +261,28 @@ class Scheduler:
 
     def _advance_all(self, requests: list[GenerationRequest], logits: torch.Tensor, first: int) -> None:
         """Each request's next token from its logits row; finished rows leave the batch."""
-        greedy = logits.argmax(dim=-1).tolist()  # one call for all rows; sampled rows draw below
-        finished = []
-        for i, (request, row, token) in enumerate(zip(requests, logits, greedy)):
+        tokens = logits.argmax(dim=-1).tolist()  # one call for all rows; sampled rows draw below, together
+        sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0.0]
+        failed: dict[int, Exception] = {}
+        if sampled:
             try:
-                if request.params.temperature > 0.0:
-                    token = sample(row, request.params, request.generator)  # type: ignore[arg-type]
+                draws = sample_rows(
+                    logits[sampled], [requests[i].params for i in sampled], [requests[i].generator for i in sampled]
+                )
+                for i, token in zip(sampled, draws):
+                    tokens[i] = token
+            except Exception:  # find the row at fault: each draws alone
+                log.exception("sampling failed")
+                for i in sampled:
+                    try:
+                        tokens[i] = sample(logits[i], requests[i].params, requests[i].generator)  # type: ignore[arg-type]
+                    except Exception as exc:
+                        failed[i] = exc
+        finished = []
+        for i, (request, token) in enumerate(zip(requests, tokens)):
+            try:
+                if i in failed:
+                    raise failed[i]
                 done = self._advance(request, token)
             except Exception as exc:  # this request's sampling or detokenization: it alone fails
                 log.exception("request failed")
