@@ -92,6 +92,9 @@ def build(name: str) -> tuple[PrefixModel, Any, Path]:
     return wrapped, tokenizer, directory
 
 
+GREEDY = {"temperature": 0.0, "top_p": 1.0}
+
+
 def make_requests(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     return [(f"task{i % 8}", " ".join(rng.choices(WORDS, k=rng.randint(8, 40)))) for i in range(n)]
@@ -143,10 +146,12 @@ async def post(port: int, body: dict, on_chunk: Any = None) -> tuple[int, bytes]
     return status, payload
 
 
-async def closed_loop(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, stream: bool) -> dict:
+async def closed_loop(
+    url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, stream: bool, sampling: dict
+) -> dict:
     """`concurrency` clients, each sending the next job as soon as its last one is answered."""
     port = int(url.rsplit(":", 1)[1])
-    pending = list(jobs)
+    pending = list(enumerate(jobs))
     latencies: list[float] = []
     first_tokens: list[float] = []
     tokens = 0
@@ -154,8 +159,10 @@ async def closed_loop(url: str, jobs: list[tuple[str, str]], concurrency: int, m
     async def client_loop() -> None:
         nonlocal tokens
         while pending:
-            model, prompt = pending.pop(0)
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            i, (model, prompt) = pending.pop(0)
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, **sampling}
+            if sampling["temperature"] > 0:
+                body["seed"] = i
             start = time.perf_counter()
             if stream:
                 first: list[float] = []
@@ -203,8 +210,10 @@ def mean_decode_batch(url: str) -> float:
     return round(values.get('prefixtune_batch_size_sum{phase="decode"}', 0.0) / count, 2) if count else 0.0
 
 
-def run_clients(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, stream: bool) -> dict:
-    return asyncio.run(closed_loop(url, jobs, concurrency, max_tokens, stream))
+def run_clients(
+    url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, stream: bool, sampling: dict
+) -> dict:
+    return asyncio.run(closed_loop(url, jobs, concurrency, max_tokens, stream, sampling))
 
 
 def serve_run(
@@ -215,23 +224,29 @@ def serve_run(
     concurrency: int,
     max_tokens: int,
     stream: bool = False,
+    sampling: dict | None = None,
     **app_kw: Any,
 ) -> dict:
     """Start a server, run the clients in their own process (no GIL shared with the server), stop the server."""
     app = create_app(model, tokenizer, model_name="base", max_batch_size=64, max_queue=1024, **app_kw)
     with Server(app) as url:
-        clients.submit(run_clients, url, jobs[:4], 4, 2, False).result()  # warm-up
-        result = clients.submit(run_clients, url, jobs, concurrency, max_tokens, stream).result()
+        sampling = sampling or GREEDY
+        clients.submit(run_clients, url, jobs[:4], 4, 2, False, sampling).result()  # warm-up
+        result = clients.submit(run_clients, url, jobs, concurrency, max_tokens, stream, sampling).result()
         result["mean_decode_batch"] = mean_decode_batch(url)
     return result
 
 
-def scheduler_direct(model: PrefixModel, tokenizer: Any, jobs: list[tuple[str, str]], max_tokens: int) -> dict:
+def scheduler_direct(
+    model: PrefixModel, tokenizer: Any, jobs: list[tuple[str, str]], max_tokens: int, sampling: dict | None = None
+) -> dict:
     """The server's batching engine without HTTP: every request queued, then the model thread started."""
     done = threading.Semaphore(0)
     scheduler = Scheduler(model, tokenizer, max_batch_size=64, max_queue=len(jobs))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for adapter, prompt in jobs:
+    sampling = sampling or GREEDY
+    for i, (adapter, prompt) in enumerate(jobs):
+        seed = i if sampling["temperature"] > 0 else None
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=seed, **sampling)
         ids = tokenizer(prompt)["input_ids"]
         finish = lambda event: done.release() if event.finish_reason or event.error else None  # noqa: E731
         scheduler.submit(GenerationRequest(adapter, ids, params, finish, incremental=False))
@@ -251,12 +266,17 @@ def scheduler_direct(model: PrefixModel, tokenizer: Any, jobs: list[tuple[str, s
 
 
 @torch.no_grad()
-def generate_direct(model: PrefixModel, tokenizer: Any, jobs: list[tuple[str, str]], max_tokens: int) -> dict:
+def generate_direct(
+    model: PrefixModel, tokenizer: Any, jobs: list[tuple[str, str]], max_tokens: int, sampling: dict | None = None
+) -> dict:
     tokenizer.padding_side = "left"
     enc = tokenizer([p for _, p in jobs], return_tensors="pt", padding=True)
-    kwargs = dict(
-        max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    sampling = sampling or GREEDY
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
+    if sampling["temperature"] > 0:  # transformers' own batched temperature / top-p warpers and multinomial
+        kwargs |= dict(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=None)
     model.generate(**{k: v[:4] for k, v in enc.items()}, adapter_names=[a for a, _ in jobs[:4]], max_new_tokens=2)
     start = time.perf_counter()
     out = model.generate(**enc, adapter_names=[a for a, _ in jobs], **kwargs)
@@ -278,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-requests", type=int, default=None, help="requests per latency run (default --requests)"
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32], help="latency runs (none: skip)")
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs per policy, alternated; best kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, seeded per request"
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature (default 1)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     model, tokenizer, directory = build(args.model)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
     jobs = make_requests(args.requests)
     n = args.max_tokens
     report: dict[str, Any] = {
@@ -296,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "adapters": 8,
         "requests": len(jobs),
         "max_tokens": n,
+        "sampling": sampling,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -310,12 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         "scheduler_direct": [],
     }
     for _ in range(args.repeats):  # alternated, so that a busy machine weighs on all three alike
-        runs["mixed"].append(serve_run(clients, model, tokenizer, jobs, everything, n, mix_adapters=True))
-        runs["one_adapter_at_a_time"].append(
-            serve_run(clients, model, tokenizer, jobs, everything, n, mix_adapters=False)
+        runs["mixed"].append(
+            serve_run(clients, model, tokenizer, jobs, everything, n, sampling=sampling, mix_adapters=True)
         )
-        runs["generate_direct"].append(generate_direct(model, tokenizer, jobs, n))
-        runs["scheduler_direct"].append(scheduler_direct(model, tokenizer, jobs, n))
+        runs["one_adapter_at_a_time"].append(
+            serve_run(clients, model, tokenizer, jobs, everything, n, sampling=sampling, mix_adapters=False)
+        )
+        runs["generate_direct"].append(generate_direct(model, tokenizer, jobs, n, sampling))
+        runs["scheduler_direct"].append(scheduler_direct(model, tokenizer, jobs, n, sampling))
     for name, results in runs.items():
         report[name] = max(results, key=lambda r: r["tokens_per_s"])
         report[name]["tokens_per_s_all_runs"] = [r["tokens_per_s"] for r in results]
@@ -330,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     latency_jobs = jobs[: args.latency_requests or len(jobs)]
     report["latency"] = {
-        str(c): serve_run(clients, model, tokenizer, latency_jobs, c, n, mix_adapters=True, stream=True)
+        str(c): serve_run(
+            clients, model, tokenizer, latency_jobs, c, n, sampling=sampling, mix_adapters=True, stream=True
+        )
         for c in args.concurrency
     }
     report["targets"] = {"mixed_over_one_at_a_time": ">= 4", "server_over_generate": ">= 0.8"}
