@@ -206,7 +206,7 @@ def encode(
     if isinstance(model_max, int) and 1 < model_max < 100_000:
         limit = min(limit, model_max)
     texts = [e.source for e in examples]
-    full = tokenizer(texts)["input_ids"] if texts else []
+    full = tokenizer(texts, verbose=False)["input_ids"] if texts else []  # cut below, and counted
     stats = data.EncodeStats(examples=len(examples), max_length=limit)
     encoded = []
     for index, (example, ids) in enumerate(zip(examples, full)):

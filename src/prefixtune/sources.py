@@ -279,20 +279,26 @@ def _load_directory(
     """A causal LM, or with `labels` a model that classifies with a head (encoders, saved ...ForSequenceClassification
     models) as a sequence classifier with one output per label. An encoder without labels is refused."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .classify import encoder_cannot_generate, is_encoder_config, uses_head
 
     config = AutoConfig.from_pretrained(directory)
     if labels is not None and uses_head(config):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            ignore_mismatched_sizes=True,  # a saved classifier for other labels gets a new head
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-        )
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its report that the head is new: by design (an adapter brings its own)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                directory,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                ignore_mismatched_sizes=True,  # a saved classifier for other labels gets a new head
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
     elif is_encoder_config(config):
         raise encoder_cannot_generate(name or str(directory), config)
     else:
