@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 class APIError(Exception):
@@ -31,6 +32,26 @@ def error_body(message: str, type: str, param: str | None, code: int | str | Non
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    """JSON can carry "\\ud800" (half of a UTF-16 pair): not text; the tokenizer and the UTF-8 answer would fail."""
+    if _SURROGATE.search(value):
+        raise ValueError("holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
+    return value
+
+
+def _path_text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return _text(value)
+
+
+Text = Annotated[str, AfterValidator(_text)]
+PathText = Annotated[str, AfterValidator(_path_text)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -40,11 +61,11 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
@@ -61,7 +82,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     @field_validator("prompt")
     @classmethod
@@ -74,13 +95,13 @@ class CompletionRequest(SamplingFields):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -97,13 +118,13 @@ class LoadAdapterRequest(BaseModel):
     """`name` (vLLM: `lora_name`) and an optional `path` (vLLM: `lora_path`), default ADAPTERS_DIR/name."""
 
     model_config = ConfigDict(extra="ignore")
-    name: str = Field(validation_alias=AliasChoices("name", "lora_name"))
-    path: str | None = Field(None, validation_alias=AliasChoices("path", "lora_path"))
+    name: Text = Field(validation_alias=AliasChoices("name", "lora_name"))
+    path: PathText | None = Field(None, validation_alias=AliasChoices("path", "lora_path"))
 
 
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: str = Field(validation_alias=AliasChoices("name", "lora_name"))
+    name: Text = Field(validation_alias=AliasChoices("name", "lora_name"))
 
 
 def new_id(prefix: str) -> str:
