@@ -314,7 +314,7 @@ def _load_prefix(tally: Tally, saved: dict[str, Any], name: str, directory: Path
 PREFIX_KINDS = any_of("prefix", "peft-prefix")
 
 
-@fuzz(120)
+@fuzz(80)
 @given(kind=PREFIX_KINDS, edits=config_edits)
 @example(kind="prefix", edits=[(("prefixtune", "prefix", "projection_dim"), "abc")])
 @example(kind="prefix", edits=[(("prefixtune", "prefix", "locations"), 5)])
@@ -325,7 +325,7 @@ def test_prefix_config_edits(tally: Tally, saved: dict[str, Any], kind: str, edi
     _load_prefix(tally, saved, "prefix: adapter_config.json edited", directory, saved["n"])
 
 
-@fuzz(120)
+@fuzz(80)
 @given(kind=PREFIX_KINDS, damage=weight_damage)
 @example(kind="prefix", damage=("truncate", 0.5))
 @example(kind="prefix", damage=("header-length", 8))
@@ -336,7 +336,7 @@ def test_prefix_weights_damaged(tally: Tally, saved: dict[str, Any], kind: str, 
     _load_prefix(tally, saved, "prefix: safetensors bytes damaged", directory, saved["n"])
 
 
-@fuzz(120)
+@fuzz(80)
 @given(kind=PREFIX_KINDS, swaps=tensor_swaps, edits=st.one_of(st.just([]), config_edits))
 @example(kind="prefix", swaps=[("same", torch.float8_e4m3fn, None, "random")], edits=[])
 @example(kind="prefix", swaps=[("same", torch.float16, None, "inf")], edits=[])
@@ -378,7 +378,7 @@ def _load_other(tally: Tally, saved: dict[str, Any], method: str, directory: Pat
         assert torch.equal(saved["model"](input_ids=IDS).logits, saved["logits"])
 
 
-@fuzz(100)
+@fuzz(70)
 @given(
     method=any_of("prompt", "prompt", "adapter", "adapter", "lora", "lora", "full"),
     edits=st.one_of(st.just([]), config_edits),

@@ -201,7 +201,7 @@ overrides = st.lists(
 )
 
 
-@fuzz(150)
+@fuzz(100)
 @given(
     content=st.one_of(
         st.binary(max_size=100),
@@ -231,7 +231,7 @@ def test_yaml_file_and_overrides(tally: Tally, work: Path, content: bytes, overr
     _build(tally, "YAML file + overrides", work, str(path), overrides)
 
 
-@fuzz(150)
+@fuzz(100)
 @given(
     overrides=st.lists(
         st.one_of(typed_overrides, typed_overrides, st.builds(lambda k, v: f"{k}={v}", any_of(*KEYS), override_values)),

@@ -89,7 +89,7 @@ def _decorate(text: str, bom: bool, newline: str) -> bytes:
 # ----- anything at all ------------------------------------------------------------------------------------------
 
 
-@fuzz(300)
+@fuzz(200)
 @given(
     suffix=any_of(*SUFFIXES),
     content=st.one_of(
@@ -162,7 +162,7 @@ def _jsonl(rows: list[Any], newline: str, bom: bool, blank_lines: bool, ascii_on
     return _decorate("\n".join(lines) + "\n", bom, newline)
 
 
-@fuzz(300)
+@fuzz(200)
 @given(
     rows=st.one_of(records, st.lists(json_values, max_size=4)),
     fmt=any_of("jsonl", "json-list", "json-examples", "json-any"),
@@ -212,7 +212,7 @@ def _csv(rows: list[tuple[str, str]], header: tuple[str, str], delimiter: str, n
     return out.getvalue()
 
 
-@fuzz(250)
+@fuzz(150)
 @given(
     rows=clean,
     fmt=any_of("jsonl", "json", "csv", "tsv"),
@@ -271,7 +271,7 @@ def test_target_lists_and_repeated_sources_are_references(
 # ----- load_dataset with any spec --------------------------------------------------------------------------------
 
 
-@fuzz(150)
+@fuzz(100)
 @given(
     spec=st.one_of(
         texts,
