@@ -50,6 +50,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--save-every", type=int, help=helps["save_every"])
     p.add_argument("--eval-every", type=int, help=helps["eval_every"])
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], help=helps["on_nonfinite"])
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help=helps["gradient_checkpointing"])
     p.add_argument("--data-dir", help=helps["data_dir"])
     p.add_argument("--source-field", help=helps["source_field"])
     p.add_argument("--target-field", help=helps["target_field"])
@@ -83,6 +84,7 @@ def _run_train(args: argparse.Namespace) -> int:
             "save_every",
             "eval_every",
             "on_nonfinite",
+            "gradient_checkpointing",
             "data_dir",
             "source_field",
             "target_field",

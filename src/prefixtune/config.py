@@ -67,6 +67,16 @@ class TrainConfig:
     target_only_logits: bool = field(
         default=True, metadata={"help": "run the LM head only where the loss is taken (same loss, less work)"}
     )
+    bucket_by_length: bool = field(
+        default=True, metadata={"help": "batch examples of similar length together (less padding, same losses)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute layer activations in the backward pass: less memory, ~1/3 more compute"},
+    )
+    prefix_once_per_step: bool = field(
+        default=True, metadata={"help": "with grad_accum > 1, run the prefix MLP once per step, not per micro-batch"}
+    )
     # bookkeeping
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
     eval_every: int | None = field(default=None, metadata={"help": "steps between validation runs"})

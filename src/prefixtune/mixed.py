@@ -15,6 +15,7 @@ from torch import nn
 
 from . import classify, data, distributed, tasks
 from .config import TrainConfig
+from .efficiency import micro_steps
 from .errors import PrefixTuneError
 from .loss import row_nll
 from .methods.registry import make_config
@@ -45,7 +46,12 @@ class TaskLoop:
         if epoch not in self._epoch:
             self._epoch.clear()
             self._epoch[epoch] = data.batches(
-                self.encoded, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, pad_id=pad_id
+                self.encoded,
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed * 1000 + epoch,
+                bucket_by_length=cfg.bucket_by_length,
+                pad_id=pad_id,
             )
         return self._epoch[epoch][index % self.per_epoch]
 
@@ -98,7 +104,8 @@ def train_step(
     names = [t.name for t in active]
     losses = dict.fromkeys(names, 0.0)
     tokens = 0
-    for k in range(cfg.grad_accum):
+    share = cfg.prefix_once_per_step and not runtime.distributed  # DDP reduces gradients inside backward
+    for k in micro_steps(model, cfg.grad_accum, share_prefix=share):
         parts = [(t.name, t.micro_batch(micro + k, cfg, pad_id)) for t in active]
         if len(parts) == 1 and parts[0][0] is None:
             batch, row_names = parts[0][1], None

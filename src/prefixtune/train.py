@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, classify, data, distributed, evaluate, mixed, tasks
 from .artifact import atomic_save_figure, atomic_write_bytes, remove_stale_temp
 from .config import TrainConfig, save_config
+from .efficiency import enable_gradient_checkpointing, micro_steps
 from .errors import PrefixTuneError
 from .loss import causal_lm_loss
 from .methods.registry import build_method, method_spec, parameter_counts, trainable_state_dict
@@ -177,6 +178,8 @@ def _train(
     model = build_method(cfg.method, base, cfg.options, tokenizer)
     if multitask:
         mixed.add_task_adapters(model, cfg, loops, init_rng)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable, total_params = parameter_counts(model)
     params = model.trainable_parameters()
     lr = cfg.lr or classify.default_lr(base, spec.default_lr)
@@ -286,7 +289,7 @@ def _train(
             started = time.perf_counter()
             if simple:
                 step_loss = 0.0
-                for _ in range(cfg.grad_accum):
+                for _ in micro_steps(model, cfg.grad_accum, share_prefix=cfg.prefix_once_per_step):
                     batch = active[0].micro_batch(micro, cfg, pad_id)
                     with autocast():
                         loss = causal_lm_loss(model, batch, target_only=cfg.target_only_logits)

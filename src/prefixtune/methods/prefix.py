@@ -122,8 +122,20 @@ class PrefixEncoder(nn.Module):
             nn.init.zeros_(self.mlp[2].bias)
         else:
             self.kv = nn.Parameter(init_kv.detach().clone())
+        # Set to [] by efficiency.micro_steps for one optimizer step: the first call stores (kv, a leaf copy of it)
+        # here and every call returns the leaf, so the MLP runs once per step however many micro-batches it has.
+        self.step_cache: list[torch.Tensor] | None = None
 
     def forward(self) -> torch.Tensor:
+        cache = self.step_cache
+        if cache is None:
+            return self._compute()
+        if not cache:
+            kv = self._compute()
+            cache += [kv, kv.detach().requires_grad_(kv.requires_grad)]
+        return cache[1]
+
+    def _compute(self) -> torch.Tensor:
         if not self.config.reparameterize:
             return self.dropout(self.kv)
         num_layers, _, heads, p, dim = self.shape
@@ -137,7 +149,7 @@ class PrefixEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.forward().detach().clone()
+            return self._compute().detach().clone()
         finally:
             self.train(was_training)
 

@@ -1,0 +1,115 @@
+"""Training options that save time or memory without changing what is computed (docs/performance.md).
+
+- `enable_gradient_checkpointing(model)`: every decoder layer keeps only its input and recomputes its activations
+  in the backward pass (non-reentrant `torch.utils.checkpoint`). PEFT cannot do this for prompt-learning methods:
+  transformers drops `past_key_values` inside checkpointed layers, and that is where PEFT's prefix lives. Ours
+  enters through the attention function and is read from the model's `PrefixRouter`, so the recomputation puts
+  back the prefix batch of the forward pass it replays (checkpoint's `context_fn`). Gradients equal those without
+  checkpointing up to float rounding (tests/test_performance.py: 1e-6).
+- `micro_steps(model, n)`: the micro-batches of one optimizer step. With n > 1 the prefix MLP (and its dropout)
+  runs once per step instead of once per micro-batch: its output is computed on first use, handed to every
+  micro-batch as a leaf tensor that collects their gradients, and back-propagated through the MLP once at the end.
+  Same gradients up to float rounding (with dropout, one mask is drawn per step instead of one per micro-batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PrefixTuneError
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise PrefixTuneError(f"{type(model).__name__} holds no transformers model to checkpoint")
+
+
+def _router(model: nn.Module) -> Any:
+    from .model import PrefixModel
+
+    for module in model.modules():
+        if isinstance(module, PrefixModel):
+            return module.router
+    return None
+
+
+@contextmanager
+def _with_batch(router: Any, batch: Any) -> Iterator[None]:
+    saved, router.batch = router.batch, batch
+    try:
+        yield
+    finally:
+        router.batch = saved
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every decoder layer of the transformers model inside `model` (any method's wrapped model).
+
+    A prefix (or lora+prefix) model's recomputation sees the same prefixes as the forward pass it replays.
+    Only in training mode, as transformers does it; the KV cache is off in checkpointed layers.
+    """
+    base = _transformers_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise PrefixTuneError(f"{type(base).__name__} does not support gradient checkpointing")
+    router = _router(model)
+
+    def context_fn() -> tuple[Any, Any]:
+        if router is None:
+            return nullcontext(), nullcontext()
+        return nullcontext(), _with_batch(router, router.batch)  # the batch of this forward, for its replay
+
+    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers releases before the rename
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the input embeddings' output require grad, which only the reentrant variant needs;
+    # left on, the backward pass would run through the frozen first layer's projections for nothing.
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    base = _transformers_model(model)
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def micro_steps(model: nn.Module, count: int, *, share_prefix: bool = True) -> Iterator[int]:
+    """Yields 0..count-1, one per micro-batch of an optimizer step; see the module docstring.
+
+    Use as `for k in micro_steps(model, grad_accum): ...forward, backward...`; the prefix MLP's backward runs when
+    the loop ends normally. With count 1 (or share_prefix off, or no reparameterized prefix) it is `range(count)`.
+    """
+    from .methods.prefix import PrefixEncoder
+
+    encoders = [
+        m
+        for m in model.modules()
+        if isinstance(m, PrefixEncoder) and (m.config.reparameterize or (m.training and m.config.dropout > 0))
+    ]
+    if count < 2 or not share_prefix or not encoders or not torch.is_grad_enabled():
+        yield from range(count)
+        return
+    for encoder in encoders:
+        encoder.step_cache = []
+    try:
+        yield from range(count)
+        computed = [encoder.step_cache for encoder in encoders if encoder.step_cache]
+    finally:
+        for encoder in encoders:
+            encoder.step_cache = None
+    pairs = [(kv, leaf.grad) for kv, leaf in computed if leaf.grad is not None and kv.requires_grad]
+    if pairs:
+        torch.autograd.backward([kv for kv, _ in pairs], [grad for _, grad in pairs])
