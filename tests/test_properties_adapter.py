@@ -380,7 +380,7 @@ def _load_other(tally: Tally, saved: dict[str, Any], method: str, directory: Pat
 
 @fuzz(70)
 @given(
-    method=any_of("prompt", "prompt", "adapter", "adapter", "lora", "lora", "full"),
+    method=any_of("prompt", "adapter", "lora", "full"),
     edits=st.one_of(st.just([]), config_edits),
     damage=st.one_of(st.none(), weight_damage),
     swaps=st.one_of(st.just([]), tensor_swaps),
@@ -392,6 +392,8 @@ def _load_other(tally: Tally, saved: dict[str, Any], method: str, directory: Pat
 @example(method="full", edits=[], damage=("bytes", b""), swaps=[])
 @example(method="full", edits=[(("num_key_value_heads",), 0)], damage=None, swaps=[])
 @example(method="lora", edits=[(("r",), 3)], damage=None, swaps=[])
+@example(method="lora", edits=[], damage=None, swaps=[("same", None, None, "0")])
+@example(method="prompt", edits=[(("peft_type",), [])], damage=None, swaps=[])
 def test_other_methods_saved_formats(
     tally: Tally, saved: dict[str, Any], method: str, edits: list, damage: Any, swaps: list
 ) -> None:
@@ -415,3 +417,17 @@ def test_a_file_where_the_directory_should_be(saved: dict[str, Any], tmp_path: P
         saved["wrapped"].add_adapter("nodir", not_a_dir)
     with pytest.raises(PrefixTuneError):
         load_trained(saved["model"], not_a_dir)
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000 + "]" * 100_000, '{"peft_type": "PREFIX_TUNING", "num_layers": ' + "7" * 5000 + "}"]
+)
+def test_deep_nesting_and_huge_numbers_in_adapter_config(saved: dict[str, Any], tmp_path: Path, text: str) -> None:
+    for method in ("prefix", "prompt", "lora"):
+        directory = tmp_path / method
+        shutil.copytree(saved["dirs"][method], directory)
+        (directory / "adapter_config.json").write_text(text)
+        with pytest.raises(PrefixTuneError):
+            load_trained(copy.deepcopy(saved["model"]), directory)
+    with pytest.raises(PrefixTuneError, match="not valid JSON"):
+        saved["wrapped"].add_adapter("deep", tmp_path / "prefix")

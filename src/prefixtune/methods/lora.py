@@ -69,9 +69,10 @@ def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.
     """Load a PEFT LoRA adapter directory onto `model` (trainable, so training can resume)."""
     was_training = model.training
     weights = Path(directory) / "adapter_model.safetensors"
+    saved = None
     if weights.is_file():  # read it whole first: PEFT puts LoRA layers into `model` before it reads the weights
         try:
-            load_file(weights)
+            saved = set(load_file(weights))
         except Exception as e:  # safetensors raises several types for corrupt or truncated files
             raise PrefixTuneError(f"{weights}: corrupt or truncated safetensors file ({e}); re-save it") from None
     # PEFT injects LoRA layers (and freezes the base) before it finds that the weights do not fit: keep what is
@@ -79,9 +80,8 @@ def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.
     children = [(module, dict(module._modules)) for module in model.modules()]
     grads = [(param, param.requires_grad) for param in model.parameters()]
     attributes = set(vars(model))
-    try:
-        peft_model = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=True)
-    except Exception as e:  # PEFT, transformers and safetensors raise many types for a bad config or bad weights
+
+    def undo(why: str) -> PrefixTuneError:
         for module, kept in children:
             module._modules.clear()
             module._modules.update(kept)
@@ -89,8 +89,17 @@ def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.
             param.requires_grad_(flag)
         for name in set(vars(model)) - attributes:  # peft_config
             delattr(model, name)
-        message = (str(e).splitlines() or [""])[0][:300]
-        raise PrefixTuneError(f"cannot load the LoRA adapter in {directory}: {type(e).__name__}: {message}") from None
+        return PrefixTuneError(f"cannot load the LoRA adapter in {directory}: {why}")
+
+    try:
+        peft_model = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+    except Exception as e:  # PEFT, transformers and safetensors raise many types for a bad config or bad weights
+        raise undo(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}") from None
+    # PEFT only warns when the file lacks LoRA weights, and leaves those layers at their fresh initialization
+    wanted = {n.replace(".default.", ".") for n, p in peft_model.named_parameters() if p.requires_grad}
+    missing = sorted(wanted - saved) if saved is not None else []
+    if missing:
+        raise undo(f"{weights.name} lacks {len(missing)} LoRA tensors (e.g. {missing[0]}); re-save the adapter")
     return peft_model.train(was_training)
 
 

@@ -194,12 +194,12 @@ def detect_method(directory: str | os.PathLike[str]) -> str:
     config_path = directory / "adapter_config.json"
     try:
         peft_type = json.loads(config_path.read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         raise PrefixTuneError(
             f"{directory} holds no saved prefixtune method (no readable adapter_config.json)"
         ) from None
     by_type = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "LORA": "lora"}
-    if peft_type not in by_type:
+    if not isinstance(peft_type, str) or peft_type not in by_type:
         raise PrefixTuneError(f"{config_path}: peft_type {peft_type!r} is not one of {sorted(by_type)}")
     return by_type[peft_type]
 
