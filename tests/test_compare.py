@@ -106,7 +106,7 @@ def test_compare_writes_a_report_with_a_row_per_method(compared: Path) -> None:
     }
     # prefix trains its MLP reparameterization and saves only the collapsed (L, 2, H_kv, P, D) prefix
     assert runs["prefix"]["saved_params"] == 2 * 2 * 2 * 4 * 8 < runs["prefix"]["trainable_params"]
-    assert runs["prefix"]["lr"] == 5e-5 and runs["lora"]["lr"] == 2e-4  # each method's default
+    assert runs["prefix"]["lr"] == 3e-3 and runs["lora"]["lr"] == 2e-4  # each method's default
     md = (compared / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0].strip("| ") for r in rows if not set(r) <= set("|- ")] == ["prefix", "lora"]
