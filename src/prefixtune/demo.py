@@ -6,13 +6,16 @@ Writes OUT/metrics.json, OUT/loss.png, OUT/samples.md and the trained prefix in 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from safetensors import safe_open
+
 from . import data
-from .artifact import atomic_write_bytes
+from .artifact import ADAPTER_WEIGHTS, atomic_write_bytes
 from .config import TrainConfig
 from .evaluate import evaluate
 from .sources import load_model
@@ -68,8 +71,10 @@ def run_demo(
         "examples": len(test),
         "train_steps": result.steps,
         "train_seconds": round(result.train_seconds, 1),
-        "trainable_params": result.trainable_params,
+        "trainable_params": result.trainable_params,  # the prefix and the MLP that reparameterizes it
         "total_params": result.total_params,
+        "saved_params": _saved_params(out / "prefix"),  # the collapsed prefix: what the adapter file holds
+        "adapter_bytes": (out / "prefix" / ADAPTER_WEIGHTS).stat().st_size,
         "untuned": base_scores,
         "prefix": tuned_scores,
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -81,14 +86,21 @@ def run_demo(
     return report
 
 
+def _saved_params(directory: Path) -> int:
+    with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
 def _table(report: dict) -> str:
     pct = 100 * report["trainable_params"] / report["total_params"]
+    saved_pct = 100 * report["saved_params"] / report["total_params"]
     rows = [
-        "| model | trainable params | BLEU | ROUGE-L |",
-        "| --- | --- | --- | --- |",
-        f"| {report['model']} untuned | 0 | {report['untuned']['bleu']:.1f} | {report['untuned']['rougeL']:.1f} |",
+        "| model | trained params (with the MLP) | saved prefix | BLEU | ROUGE-L |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {report['model']} untuned | 0 | - | {report['untuned']['bleu']:.1f} | {report['untuned']['rougeL']:.1f} |",
         f"| + prefix ({report['train_steps']} steps, {report['train_seconds']:.0f} s) | "
-        f"{report['trainable_params']:,} ({pct:.2f}%) | {report['prefix']['bleu']:.1f} | "
+        f"{report['trainable_params']:,} ({pct:.2f}%) | {report['saved_params']:,} ({saved_pct:.3f}%), "
+        f"{report['adapter_bytes'] / 1024:.0f} KiB | {report['prefix']['bleu']:.1f} | "
         f"{report['prefix']['rougeL']:.1f} |",
     ]
     return "\n".join(rows)
