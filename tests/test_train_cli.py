@@ -21,20 +21,6 @@ NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Cof
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama + a byte-level tokenizer, saved like any local model directory."""
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = make_tokenizer()
-    model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "names.jsonl"
     rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
@@ -312,6 +298,38 @@ def test_target_only_logits_give_the_same_loss_and_gradients(arch: str) -> None:
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
     for full, kept in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(full, kept, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("prompt", {"num_virtual_tokens": 3}), ("lora", {}), ("adapter", {}), ("lora+prefix", {}), ("full", {})],
+)
+def test_target_only_logits_are_exact_for_every_method(method: str, options: dict) -> None:
+    from prefixtune.loss import causal_lm_loss, row_nll
+    from prefixtune.methods.prompt import PromptConfig
+    from prefixtune.methods.registry import build_method
+
+    torch.manual_seed(0)
+    model = build_method(method, tiny("llama-gqa"), options, make_tokenizer())
+    ids = torch.randint(3, 90, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 7:] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    full, kept = (causal_lm_loss(model, batch, target_only=t) for t in (False, True))
+    torch.testing.assert_close(full, kept, rtol=0, atol=1e-5)
+    torch.testing.assert_close(row_nll(model, batch, target_only=False), row_nll(model, batch), rtol=0, atol=1e-4)
+    if method == "prompt":  # rows with soft prompts of different lengths (and none) in one batch
+        model.add_adapter("long", PromptConfig(num_virtual_tokens=5))
+        names = ["default", "long", "__base__"]
+        torch.testing.assert_close(
+            row_nll(model, batch, target_only=False, adapter_names=names),
+            row_nll(model, batch, adapter_names=names),
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_generation_stops_after_the_first_nonblank_line() -> None:

@@ -5,6 +5,7 @@ A sequence classifier (an encoder with a head, classify.py) takes the cross-entr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,9 +67,11 @@ def row_nll(
 
 
 def keeps_positions(model: Any) -> bool:
-    """Whether `logits_to_keep` positions index the input tokens. Not for soft prompts: their model puts the
-    virtual tokens in front of the input, so position p of its base model is input position p - P; with the LM
-    head at `keep` the loss would be scored at the wrong tokens. Those models get full logits instead."""
-    from .methods.prompt import PromptModel
-
-    return not isinstance(getattr(model, "module", model), PromptModel)
+    """Whether the model takes `logits_to_keep` as positions of its input tokens (every model here: a soft-prompt
+    model shifts them past its prompts itself); a model without the argument gets full logits."""
+    forward = getattr(getattr(model, "module", model), "forward", None)
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_to_keep" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())

@@ -115,6 +115,9 @@ class PromptModel(nn.Module):
             ignore = torch.full((labels.shape[0], batch["width"]), -100, dtype=labels.dtype, device=labels.device)
             kwargs["labels"] = torch.cat([ignore, labels], dim=1)
         width = batch.pop("width")
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor):  # input positions -> positions behind the soft prompts (aligned at width)
+            kwargs["logits_to_keep"] = keep + width
         output = self.base_model(**batch, **kwargs)
         if getattr(output, "logits", None) is not None and output.logits.shape[1] == batch["inputs_embeds"].shape[1]:
             output.logits = output.logits[:, width:]
