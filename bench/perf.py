@@ -722,8 +722,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", help="regex: only the training configurations whose name matches")
     parser.add_argument("--short-batch", type=int, default=8)
     parser.add_argument("--short-len", type=int, default=64, help="E2E max tokens per example")
-    parser.add_argument("--short-steps", type=int, default=None, help="timed steps on E2E batches (default 6)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps on E2E batches (default 2)")
+    parser.add_argument("--short-steps", type=int, default=None, help="timed steps on E2E batches (default 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps on E2E batches (default 1)")
     parser.add_argument("--short-repeats", type=int, default=None, help="processes per E2E configuration (def. 3)")
     parser.add_argument("--long-batch", type=int, default=8)
     parser.add_argument("--long-len", type=int, default=None, help="XSum max tokens per example (default 512)")
@@ -743,8 +743,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "threads": 1 if quick else 2,
-        "short_steps": 2 if quick else 6,
-        "warmup": 1 if quick else 2,
+        "short_steps": 2 if quick else 4,
+        "warmup": 1,
         "short_repeats": 1 if quick else 3,
         "long_len": 96 if quick else 512,
         "long_steps": 1 if quick else 2,
