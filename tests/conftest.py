@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random Llama + a byte-level tokenizer, saved like any local model directory (built once per run)."""
     from tiny import tiny
     from tiny_tokenizer import make_tokenizer
@@ -20,7 +20,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("tiny-model")
     tokenizer = make_tokenizer()
     model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

@@ -15,24 +15,8 @@ from prefixtune.compare_worker import run_job
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import read_metrics, train
-from tiny import tiny
-from tiny_tokenizer import make_tokenizer
 
 NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama + a byte-level tokenizer, saved like any local model directory."""
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = make_tokenizer()
-    model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from prefixtune import artifact, checkpoint, cli, train
 from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import build_method
 from tiny import tiny
-from tiny_tokenizer import make_tokenizer
 
 HERE = Path(__file__).parent
 NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
@@ -44,20 +43,6 @@ CHAINS = {
     "save-every-1": ["--max-steps", str(MAX_STEPS), "--save-every", "1", "--eval-every", "4"],
     "save-every-2": ["--max-steps", str(MAX_STEPS), "--save-every", "2", "--eval-every", "3"],
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama + a byte-level tokenizer, saved like any local model directory."""
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = make_tokenizer()
-    model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

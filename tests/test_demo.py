@@ -21,18 +21,18 @@ def _e2e(folder: Path) -> Path:
     return folder
 
 
-def test_demo_writes_its_report_and_a_loadable_prefix(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_demo_writes_its_report_and_a_loadable_prefix(model_dir: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "data").mkdir()
     data_dir = _e2e(tmp_path / "data")
     out = tmp_path / "demo"
-    args = ["demo", "--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--out", str(out)]
+    args = ["demo", "--model", str(model_dir), "--data-dir", str(data_dir), "--out", str(out)]
     assert main([*args, "--max-steps", "3", "--eval-limit", "3"]) == 0
     table = capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
     assert report["train_steps"] == 3 and report["examples"] == 3
     assert {"bleu", "rougeL"} <= set(report["untuned"]) and {"bleu", "rougeL"} <= set(report["prefix"])
     # the saved prefix is the collapsed (L, 2, H_kv, P, D) block; the MLP trains but is not saved
-    pm = prefixtune.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "prefix")
+    pm = prefixtune.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "prefix")
     config = pm.adapter_config()
     layout = pm.layout
     expected = layout.num_layers * 2 * layout.num_kv_heads * config.num_virtual_tokens * layout.head_dim

@@ -16,26 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from prefixtune import cli, train
-from tiny import tiny
-from tiny_tokenizer import make_tokenizer
 
 NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
 # 2 processes sum their gradients in another order than 1 (and pad their rows differently): float rounding only.
 ATOL = 1e-5
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = make_tokenizer()
-    model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

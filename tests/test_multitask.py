@@ -15,8 +15,6 @@ from prefixtune import cli, train
 from prefixtune.config import TrainConfig, build_config
 from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import option_names
-from tiny import tiny
-from tiny_tokenizer import make_tokenizer
 
 # Tasks of different sizes and lengths, so that mixed batches are padded and tasks wrap epochs at different steps.
 TASKS = {
@@ -30,19 +28,6 @@ TASKS = {
 # Adam's steps are sign-like, so rounding differences between a mixed and a single batch do not grow much:
 # observed max |difference| ~1e-7 on prefix values of size ~0.5; the tolerance leaves room for other BLAS.
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = make_tokenizer()
-    model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from prefixtune import checkpoint, cli, train
-from tiny import tiny
-from tiny_tokenizer import make_tokenizer
 
 NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = make_tokenizer()
-    model = tiny("llama-gqa")
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
