@@ -26,3 +26,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory: pytest.TempPathFactory):
+    """names.jsonl: 18 records `name: N` -> `N is a coffee shop.` (6 names x 3), the CLI tests' training set."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "names.jsonl"
+    rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -16,16 +16,6 @@ from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import read_metrics, train
 
-NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "names.jsonl"
-    rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
 
 def _args(model_dir: Path, data: Path, out: Path, methods: str = "prefix,lora", *extra: str) -> list[str]:
     return [

@@ -34,7 +34,6 @@ from prefixtune.methods.registry import build_method
 from tiny import tiny
 
 HERE = Path(__file__).parent
-NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
 SEED = 9  # kill delays: random.Random(SEED + chain number)
 KILLS_PER_CHAIN = 12  # two chains: 24 SIGKILL trials
 OPTIONS = {"projection_dim": 16, "num_virtual_tokens": 4}
@@ -43,14 +42,6 @@ CHAINS = {
     "save-every-1": ["--max-steps", str(MAX_STEPS), "--save-every", "1", "--eval-every", "4"],
     "save-every-2": ["--max-steps", str(MAX_STEPS), "--save-every", "2", "--eval-every", "3"],
 }
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "names.jsonl"
-    rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def _train_argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:

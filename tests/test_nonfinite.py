@@ -15,16 +15,6 @@ from safetensors.torch import load_file
 
 from prefixtune import checkpoint, cli, train
 
-NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "names.jsonl"
-    rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
 
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NAMES
 
 from prefixtune import cli, train
 from prefixtune.config import TrainConfig, build_config
@@ -16,16 +17,6 @@ from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import option_names
 from tiny import tiny
 from tiny_tokenizer import make_tokenizer
-
-NAMES = ["Blue Spice", "Golden Curry", "Cat Park", "River Mat", "Dog Shop", "Coffee Area"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "names.jsonl"
-    rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
