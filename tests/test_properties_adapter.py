@@ -394,6 +394,9 @@ def _load_other(tally: Tally, saved: dict[str, Any], method: str, directory: Pat
 @example(method="lora", edits=[(("r",), 3)], damage=None, swaps=[])
 @example(method="lora", edits=[], damage=None, swaps=[("same", None, None, "0")])
 @example(method="prompt", edits=[(("peft_type",), [])], damage=None, swaps=[])
+@example(method="full", edits=[(("vocab_size",), 10**9)], damage=None, swaps=[])
+@example(method="lora", edits=[(("r",), 10**9)], damage=None, swaps=[])
+@example(method="adapter", edits=[(("adapter", "bottleneck_dim"), 10**9)], damage=None, swaps=[])
 def test_other_methods_saved_formats(
     tally: Tally, saved: dict[str, Any], method: str, edits: list, damage: Any, swaps: list
 ) -> None:

@@ -155,6 +155,14 @@ def load_adapter_model(model: nn.Module, directory: str | os.PathLike[str]) -> A
         config = AdapterConfig(**meta["adapter"])
     except TypeError as e:
         raise PrefixTuneError(f"{directory / CONFIG_FILE}: bad 'adapter' block ({e})") from None
+    # the config sizes the layers about to be made: it must agree with the saved weights first (a damaged
+    # bottleneck_dim of 10**9 would otherwise allocate gigabytes before load_state_dict could refuse it)
+    sizes = {tuple(t.shape)[:1] for k, t in tensors.items() if k.endswith(".down.weight")}
+    if sizes != {(config.bottleneck_dim,)}:
+        raise PrefixTuneError(
+            f"{directory}: bottleneck_dim {config.bottleneck_dim} in {CONFIG_FILE} does not match the saved "
+            f"weights (down projections of {sorted(s[0] for s in sizes if s) or 'no'} rows); re-save the adapter"
+        )
     wrapped = AdapterModel(model, config)
     try:
         wrapped.adapters.load_state_dict(tensors)

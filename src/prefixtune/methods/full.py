@@ -19,6 +19,22 @@ from ..errors import PrefixTuneError
 from .blocks import find_blocks
 
 CONFIG_FILE = "full_finetune.json"
+# config.json fields that size the weights: a fine-tuned model has its base model's (checked before loading,
+# so that a damaged config.json cannot make transformers allocate a model of any size)
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_embd",
+    "n_inner",
+    "n_layer",
+    "n_head",
+)
 
 
 @dataclass
@@ -90,6 +106,18 @@ def load_full(model: nn.Module, directory: str | os.PathLike[str]) -> FullModel:
         config = FullConfig(**meta["full"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise PrefixTuneError(f"{directory}: not a full fine-tuning directory ({CONFIG_FILE}: {e})") from None
+    try:
+        saved = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise PrefixTuneError(f"{directory}: cannot read config.json ({e}); re-save the model") from None
+    base = model.config.to_dict()
+    differ = [k for k in SHAPE_FIELDS if k in base and (not isinstance(saved, dict) or saved.get(k) != base[k])]
+    if differ:
+        got = {k: saved.get(k) for k in differ} if isinstance(saved, dict) else saved
+        raise PrefixTuneError(
+            f"{directory}/config.json describes another model ({str(got)[:200]}; the base has "
+            f"{ {k: base[k] for k in differ} }): load it onto the base model it was fine-tuned from"
+        )
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         attention = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,11 @@ def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.
     saved = None
     if weights.is_file():  # read it whole first: PEFT puts LoRA layers into `model` before it reads the weights
         try:
-            saved = set(load_file(weights))
+            tensors = load_file(weights)
         except Exception as e:  # safetensors raises several types for corrupt or truncated files
             raise PrefixTuneError(f"{weights}: corrupt or truncated safetensors file ({e}); re-save it") from None
+        saved = set(tensors)
+        _check_ranks(Path(directory), tensors)
     # PEFT injects LoRA layers (and freezes the base) before it finds that the weights do not fit: keep what is
     # needed to give the model back as it was
     children = [(module, dict(module._modules)) for module in model.modules()]
@@ -101,6 +104,25 @@ def load_lora_into(model: nn.Module, directory: str | os.PathLike[str]) -> peft.
     if missing:
         raise undo(f"{weights.name} lacks {len(missing)} LoRA tensors (e.g. {missing[0]}); re-save the adapter")
     return peft_model.train(was_training)
+
+
+def _check_ranks(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The ranks in adapter_config.json size the layers PEFT makes: refuse ranks above the saved weights' (a
+    damaged r of 10**9 would allocate gigabytes before PEFT could find the mismatch)."""
+    try:
+        raw = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # PEFT reports an unreadable config
+    if not isinstance(raw, dict):
+        return
+    pattern = raw.get("rank_pattern") if isinstance(raw.get("rank_pattern"), dict) else {}
+    asked = [raw.get("r"), *pattern.values()]
+    have = {int(t.shape[0]) for k, t in tensors.items() if "lora_A" in k and t.ndim == 2}
+    if not have or any(not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= max(have) for r in asked):
+        raise PrefixTuneError(
+            f"{directory}: the ranks in adapter_config.json ({[r for r in asked][:5]}) do not match the saved "
+            f"LoRA weights (ranks {sorted(have) or 'none'}); re-save the adapter"
+        )
 
 
 class LoraModel(nn.Module):
