@@ -55,7 +55,18 @@ PEFT_METHODS = ("prefix", "prompt", "lora")
 # ----- configurations ---------------------------------------------------------------------------------------------
 
 
-def train_configs(pattern: str | None) -> list[dict[str, Any]]:
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it torch's bf16 matmul is ~100x
+    slower than float32 (0.4 vs 28 GFLOP/s on a Zen 3 with AVX2), so the bf16 row would take hours."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def train_configs(pattern: str | None, bf16: bool = True) -> list[dict[str, Any]]:
     """Every training configuration: name, impl (ours, peft, hf), method, seq, and the options of ours."""
     configs = []
     for seq in SEQS:
@@ -65,7 +76,8 @@ def train_configs(pattern: str | None) -> list[dict[str, Any]]:
         if seq == "xsum":
             configs.append({"impl": "ours", "method": "prefix", "seq": seq, "gc": True})
         if seq == "e2e":
-            configs.append({"impl": "ours", "method": "prefix", "seq": seq, "bf16": True})
+            if bf16:
+                configs.append({"impl": "ours", "method": "prefix", "seq": seq, "bf16": True})
             configs.append({"impl": "ours", "method": "prefix", "seq": seq, "target_only": False})
             configs.append({"impl": "peft", "method": "prefix", "seq": seq, "unbucketed": True})
     for c in configs:
@@ -660,7 +672,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             return run_worker("ceiling", spec, workdir, fork)
 
         ceilings = [ceiling()]
-        configs = train_configs(args.configs)
+        with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and (args.quick or native_bf16()))
+        result["settings"]["bf16_row"] = with_bf16
+        configs = train_configs(args.configs, bf16=with_bf16)
         repeats = {"e2e": args.short_repeats, "xsum": args.long_repeats}
         runs: dict[str, list[dict[str, Any]]] = {c["name"]: [] for c in configs}
         for r in range(max(repeats.values())):
@@ -734,6 +748,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--gen-new-tokens", type=int, default=None, help="new tokens per generation (default 32)")
     parser.add_argument("--gen-repeats", type=int, default=None, help="timed generations per model (default 5)")
+    parser.add_argument(
+        "--bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the bf16 autocast row (auto: with --quick, or where the CPU has native bfloat16)",
+    )
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--fork", action="store_true", help="fork workers instead of fresh interpreters")
     parser.add_argument(
