@@ -217,7 +217,7 @@ def _csv(rows: list[tuple[str, str]], header: tuple[str, str], delimiter: str, n
     rows=clean,
     fmt=any_of("jsonl", "json", "csv", "tsv"),
     names=any_of(("input", "target"), ("prompt", "completion"), ("src", "tgt")),
-    newline=any_of("\n", "\r\n"),
+    newline=any_of("\n", "\r\n", "\r"),
     bom=st.booleans(),
     extra=extra_fields,
 )
@@ -235,8 +235,9 @@ def test_clean_records_read_back_exactly(
     extra: dict[str, Any],
 ) -> None:
     if fmt in ("csv", "tsv"):
-        # csv.writer leaves a lone "\r" unquoted unless it is part of the line terminator, or everything is quoted
-        text = _csv(rows, names, "\t" if fmt == "tsv" else ",", newline, quote_all=newline == "\n")
+        # csv.writer quotes a cell holding CR or LF only if its line terminator has that character: quote all
+        # cells unless the terminator is CRLF
+        text = _csv(rows, names, "\t" if fmt == "tsv" else ",", newline, quote_all=newline != "\r\n")
         path = _write(work, f".{fmt}", ("\ufeff" if bom else "").encode() + text.encode())
     else:
         dicts = [{**extra, names[0]: s, names[1]: t} for s, t in rows]
