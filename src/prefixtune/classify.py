@@ -28,8 +28,7 @@ from . import data
 from .errors import PrefixTuneError
 
 METRICS = ("accuracy", "macro_f1", "loss")
-# P-tuning v2 (Liu et al. 2022) trains BERT/RoBERTa prefixes at 5e-3..1e-2; the prefix method's 5e-5 (Li & Liang's,
-# for an MLP-reparameterized prefix on a decoder) leaves a fresh classifier head nearly untrained.
+# P-tuning v2 (Liu et al. 2022) trains BERT/RoBERTa prefixes with a fresh classifier head at 5e-3..1e-2.
 DEFAULT_LR = 5e-3
 _LABEL_POSITION = 1
 
