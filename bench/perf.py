@@ -15,8 +15,10 @@ What one run measures, every configuration on the same batches (built once by th
   given above the RSS right after loading the model.
 - generation: greedy tokens/s at batch 1 and 8 (E2E prompts, left padded, a fixed number of new tokens), bare
   model vs our prefix vs PEFT's prefix, in one process, interleaved, median of --gen-repeats.
-- the machine's ceiling: the best float32 matmul FLOP/s on the same threads, and each training configuration's
-  achieved FLOP/s as a fraction of it. FLOPs per step (N_lin: weights of the linear layers in the decoder blocks;
+- the machine's ceiling: the best float32 matmul FLOP/s on the same threads (square matrices of 1024 and 2048),
+  measured in every training process just before its steps (load on a shared machine drifts between processes),
+  and that configuration's achieved FLOP/s as a fraction of it; a separate process also measures it at the start
+  and the end of the run. FLOPs per step (N_lin: weights of the linear layers in the decoder blocks;
   N_head: the LM head; T: tokens processed (real tokens, plus P for prompt tuning); T_head: positions whose next
   token is a target; A = 4 * layers * heads * head_dim * attended (query, key) pairs, causal, prefix columns included):
       full fine-tuning:   3 * (2 * N_lin * T + 2 * N_head * T_head) + 3 * A     (= 6 N T for the matmuls)
@@ -314,6 +316,9 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    # This process's own ceiling, just before its steps (before the model loads, so that the matrices do not
+    # raise the RSS high-water mark): load on a shared machine drifts, so the fraction compares like with like.
+    ceiling = matmul_rate(spec["ceiling_sizes"], 2, spec["ceiling_seconds"])
     torch.manual_seed(0)
     inputs = torch.load(spec["inputs"], weights_only=True)
     which = spec["seq"] + ("-unbucketed" if spec["unbucketed"] else "")
@@ -361,6 +366,10 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         flops_per_s=flops / total,
         tokens_per_cpu_s=round(tokens / cpu_total, 1),
         flops_per_cpu_s=flops / cpu_total,
+        ceiling_flops_per_s=ceiling[0],
+        ceiling_flops_per_cpu_s=ceiling[1],
+        ceiling_fraction=round(flops / total / ceiling[0], 4),
+        ceiling_fraction_cpu=round(flops / cpu_total / ceiling[1], 4),
         step_seconds=[round(t, 3) for t in times],
         step_cpu_seconds=[round(t, 3) for t in cpu_times],
         losses=losses,
@@ -372,31 +381,36 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def matmul_rate(sizes: list[int], trials: int, seconds: float, dtype: Any = None) -> tuple[float, float]:
+    """Best square-matmul FLOP/s over `sizes`: (per wall-clock second, per CPU-second of this process)."""
+    import torch
+
+    best, best_cpu = 0.0, 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        for _ in range(trials):
+            count, start, cpu_start = 0, time.perf_counter(), time.process_time()
+            while True:
+                a @ b
+                count += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+            best = max(best, 2 * n**3 * count / elapsed)
+            best_cpu = max(best_cpu, 2 * n**3 * count / max(time.process_time() - cpu_start, 1e-9))
+    return best, best_cpu
+
+
 def ceiling_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Best matmul FLOP/s on this many threads (float32, and bfloat16 for reference)."""
+    """Best matmul FLOP/s on this many threads (float32, and bfloat16 for reference at one small size: CPUs
+    without native bf16 run it ~100x slower)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        best, best_cpu = 0.0, 0.0
-        # bfloat16 only for reference, at one small size: CPUs without native bf16 run it ~100x slower
-        for n in spec["sizes"] if dtype == torch.float32 else spec["sizes"][:1]:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            a @ b
-            for _ in range(spec["trials"]):
-                count, start, cpu_start = 0, time.perf_counter(), time.process_time()
-                while True:
-                    a @ b
-                    count += 1
-                    seconds = time.perf_counter() - start
-                    if seconds >= spec["seconds"]:
-                        break
-                best = max(best, 2 * n**3 * count / seconds)
-                best_cpu = max(best_cpu, 2 * n**3 * count / max(time.process_time() - cpu_start, 1e-9))
-        out[str(dtype).replace("torch.", "")] = best
-        out[str(dtype).replace("torch.", "") + "_per_cpu_s"] = best_cpu
-    return out
+    fp32 = matmul_rate(spec["sizes"], spec["trials"], spec["seconds"], torch.float32)
+    bf16 = matmul_rate(spec["sizes"][:1], spec["trials"], spec["seconds"], torch.bfloat16)
+    return {"float32": fp32[0], "float32_per_cpu_s": fp32[1], "bfloat16": bf16[0], "bfloat16_per_cpu_s": bf16[1]}
 
 
 def generate_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -537,6 +551,8 @@ def _median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MEDIANS = (
+    "ceiling_fraction",
+    "ceiling_fraction_cpu",
     "tokens_per_s",
     "tokens_per_cpu_s",
     "flops_per_s",
@@ -557,7 +573,7 @@ PAIRS = [
 def compute_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Ratios by wall-clock time (what the targets are stated in) and by CPU time (process user+system seconds:
     on a shared machine, the work each configuration did, whatever else was running)."""
-    train, gen, ceiling = result["train"], result.get("generate", {}), result["ceiling"]
+    train, gen = result["train"], result.get("generate", {})
 
     def get(name: str, key: str) -> float | None:
         row = train.get(name)
@@ -575,13 +591,12 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         "train_tokens_per_cpu_s_ours_over_peft": pairs("tokens_per_cpu_s"),
         "peak_rss_ours_over_peft": pairs("peak_rss_mb"),
         "above_loaded_rss_ours_over_peft": pairs("above_loaded_mb"),
+        # achieved FLOP/s over the matmul ceiling measured in the same process just before the steps
         "flops_fraction_of_ceiling": {
-            name: round(row["flops_per_s"] / ceiling["float32"], 3) for name, row in train.items() if "error" not in row
+            name: round(row["ceiling_fraction"], 3) for name, row in train.items() if "error" not in row
         },
         "flops_per_cpu_s_fraction_of_ceiling": {
-            name: round(row["flops_per_cpu_s"] / ceiling["float32_per_cpu_s"], 3)
-            for name, row in train.items()
-            if "error" not in row
+            name: round(row["ceiling_fraction_cpu"], 3) for name, row in train.items() if "error" not in row
         },
     }
     sizes = [k for k in gen if re.fullmatch(r"b\d+", k)]
@@ -658,7 +673,8 @@ def print_tables(result: dict[str, Any]) -> None:
         f"{'configuration':<30} {'tokens/s':>9} {'tok/CPU-s':>10} {'peak RSS MB':>12} {'above load':>11} "
         f"{'GFLOP/s':>8} {'% ceil':>7} {'% ceil CPU':>11}"
     )
-    print("\n" + header + "\n" + "-" * len(header))
+    print("\n% ceil: achieved FLOP/s over the matmul FLOP/s measured in the same process (CPU: per CPU-second)")
+    print(header + "\n" + "-" * len(header))
     for name, row in result["train"].items():
         if "error" in row:
             print(f"{name:<30} FAILED: {row['error'].strip().splitlines()[-1]}")
@@ -666,8 +682,7 @@ def print_tables(result: dict[str, Any]) -> None:
         print(
             f"{name:<30} {row['tokens_per_s']:>9.1f} {row['tokens_per_cpu_s']:>10.1f} {row['peak_rss_mb']:>12.0f} "
             f"{row['above_loaded_mb']:>11.0f} {row['flops_per_s'] / 1e9:>8.1f} "
-            f"{row['flops_per_s'] / ceiling['float32']:>7.1%} "
-            f"{row['flops_per_cpu_s'] / ceiling['float32_per_cpu_s']:>11.1%}"
+            f"{row['ceiling_fraction']:>7.1%} {row['ceiling_fraction_cpu']:>11.1%}"
         )
     gen = result.get("generate", {})
     if gen:
@@ -723,6 +738,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     "virtual_tokens": args.virtual_tokens,
                     "warmup": args.warmup if short else args.long_warmup,
                     "steps": args.short_steps if short else args.long_steps,
+                    "ceiling_sizes": [256] if args.quick else [1024, 2048],
+                    "ceiling_seconds": 0.05 if args.quick else 0.75,
                 }
                 t0 = time.time()
                 runs[c["name"]].append(run_worker("train", spec, workdir, fork))
