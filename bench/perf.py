@@ -381,6 +381,49 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def pair_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Our prefix and PEFT's trained in one process on the same batches, one step each in alternation (who goes
+    first alternates too). Per batch, PEFT's step time over ours is our speedup on that batch; the median over
+    batches is robust to the load drifting on a shared machine, which comparing separate processes is not."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    inputs = torch.load(spec["inputs"], weights_only=True)
+    batches = inputs["batches"][spec["seq"]]
+    sides = {}
+    for impl in ("ours", "peft"):
+        torch.manual_seed(0)
+        model, loss_of = _build({**spec, "impl": impl, "gc": False, "target_only": True}, _load_model(spec["model"]))
+        params = [p for p in model.parameters() if p.requires_grad]
+        sides[impl] = (model.train(), loss_of, params, torch.optim.AdamW(params, lr=1e-5))
+
+    def step(impl: str, batch: dict[str, Any]) -> tuple[float, float]:
+        _, loss_of, params, optimizer = sides[impl]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss_of(batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    for impl in sides:
+        step(impl, batches[0])  # warm up
+    wall, cpu = [], []
+    for i in range(spec["pair_steps"]):
+        batch = batches[i % len(batches)]
+        order = ["ours", "peft"] if i % 2 == 0 else ["peft", "ours"]
+        times = {impl: step(impl, batch) for impl in order}
+        wall.append(times["peft"][0] / times["ours"][0])
+        cpu.append(times["peft"][1] / times["ours"][1])
+    return {
+        "steps": spec["pair_steps"],
+        "ours_over_peft": round(statistics.median(wall), 3),
+        "ours_over_peft_cpu": round(statistics.median(cpu), 3),
+        "per_step": [round(x, 3) for x in wall],
+        "per_step_cpu": [round(x, 3) for x in cpu],
+    }
+
+
 def matmul_rate(sizes: list[int], trials: int, seconds: float, dtype: Any = None) -> tuple[float, float]:
     """Best square-matmul FLOP/s over `sizes`: (per wall-clock second, per CPU-second of this process)."""
     import torch
@@ -462,7 +505,7 @@ def generate_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"train": train_worker, "ceiling": ceiling_worker, "generate": generate_worker}
+WORKERS = {"train": train_worker, "ceiling": ceiling_worker, "generate": generate_worker, "pair": pair_worker}
 
 
 def run_worker(kind: str, spec: dict[str, Any], workdir: Path, fork: bool) -> dict[str, Any]:
@@ -599,6 +642,12 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
             name: round(row["ceiling_fraction_cpu"], 3) for name, row in train.items() if "error" not in row
         },
     }
+    paired = result.get("paired", {}).get("prefix@e2e", {})
+    if "ours_over_peft" in paired:
+        ratios["paired_train_tokens_per_s_ours_over_peft"] = {
+            "prefix@e2e": paired["ours_over_peft"],
+            "prefix@e2e by CPU time": paired["ours_over_peft_cpu"],
+        }
     sizes = [k for k in gen if re.fullmatch(r"b\d+", k)]
     for size in sizes:
         for suffix, g in (("", gen[size]), ("_cpu", gen[f"{size}_cpu"])):
@@ -625,6 +674,9 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         1.3,
         "train_tokens_per_cpu_s_ours_over_peft",
     )
+    if "ours_over_peft" in paired:
+        targets[-1]["value_paired"] = paired["ours_over_peft"]
+        targets[-1]["value_paired_by_cpu_time"] = paired["ours_over_peft_cpu"]
     target(
         "peak training RSS at 512 tokens, ours (gradient checkpointing) / PEFT",
         "peak_rss_ours_over_peft",
@@ -696,6 +748,8 @@ def print_tables(result: dict[str, Any]) -> None:
     for t in result["targets"]:
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         cpu = f" [{t['value_by_cpu_time']}]" if t.get("value_by_cpu_time") is not None else ""
+        if "value_paired" in t:
+            cpu += f"; paired in one process {t['value_paired']} [{t['value_paired_by_cpu_time']}]"
         print(f"  {mark:<12} {t['target']}: {t['value']}{cpu} (need {t['need']})")
 
 
@@ -759,6 +813,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 result["generate"] = run_worker("generate", spec, workdir, fork)
                 print(f"[{time.time() - started:6.0f}s] generation: {json.dumps(result['generate'])[:300]}")
+        if args.pair_steps:
+            spec = {**common, "method": "prefix", "seq": "e2e", "virtual_tokens": args.virtual_tokens}
+            result["paired"] = {
+                "prefix@e2e": run_worker("pair", {**spec, "pair_steps": args.pair_steps}, workdir, fork)
+            }
+            print(f"[{time.time() - started:6.0f}s] paired: {json.dumps(result['paired'])[:300]}", flush=True)
         ceilings.append(ceiling())
         good = [c for c in ceilings if "error" not in c]
         if not good:
@@ -806,6 +866,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="the bf16 autocast row (auto: with --quick, or where the CPU has native bfloat16)",
     )
+    parser.add_argument(
+        "--pair-steps",
+        type=int,
+        default=None,
+        help="steps of each side in the paired ours/PEFT prefix measurement on E2E (default 16; 0 = skip)",
+    )
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--fork", action="store_true", help="fork workers instead of fresh interpreters")
     parser.add_argument(
@@ -822,6 +888,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "long_steps": 1 if quick else 2,
         "gen_new_tokens": 4 if quick else 32,
         "gen_repeats": 2 if quick else 5,
+        "pair_steps": 2 if quick else 16,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -328,4 +328,5 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert ratios["generate_b1"]["ours_prefix_over_bare"] > 0
     assert {t["met"] for t in result["targets"]} <= {True, False}
     assert "ours-prefix-bf16@e2e" in result["train"] and "loss_rel_diff" in result["train"]["ours-prefix-bf16@e2e"]
+    assert result["paired"]["prefix@e2e"]["ours_over_peft"] > 0
     assert "targets (" in done.stdout and "tokens/s" in done.stdout
