@@ -129,8 +129,17 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(model_dir: Path, data_fi
     lora_result = (compared / "runs" / "lora" / "result.json").stat().st_mtime_ns
     assert cli.main(_args(model_dir, data_file, compared, "prefix,lora", "lora.r=2")) == 0
     assert [r["step"] for r in read_metrics(run / "train" / "metrics.jsonl")] == [2, 4]  # continued, not redone
-    assert json.loads((run / "result.json").read_text())["steps"] == 4
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 4 and result["resumed_from_step"] == 2
     assert (compared / "runs" / "lora" / "result.json").stat().st_mtime_ns == lora_result
+    # the resumed process saw steps 3-4 only: its RSS high-water mark is not the training's, so no figure
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in (compared / "report.md").read_text().splitlines()
+        if line.startswith("| prefix") or line.startswith("| lora")
+    }
+    peak = 11  # the "peak RSS, training" column
+    assert rows["prefix"][peak].strip() == "-" and rows["lora"][peak].strip().endswith(")")
 
 
 @pytest.mark.parametrize(

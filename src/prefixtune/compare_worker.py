@@ -24,6 +24,17 @@ from .config import TrainConfig
 from .errors import PrefixTuneError
 
 
+def _checkpoint_step(train_dir: Path) -> int:
+    """The step of the run's newest checkpoint (0 without one)."""
+    import torch
+
+    from . import checkpoint
+
+    directory = checkpoint.checkpoint_dir(train_dir)
+    state = torch.load(directory / checkpoint.STATE, weights_only=True) if directory else {}
+    return int(state.get("step", 0))
+
+
 def _peak_rss_mb() -> float:
     """This process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -62,6 +73,9 @@ def run_job(job_path: Path) -> dict[str, Any]:
         resume = checkpoint.checkpoint_dir(train_dir) is not None
         if not resume and train_dir.exists():  # stopped before its first checkpoint: nothing to keep
             shutil.rmtree(train_dir)
+        # A resumed process ran only the steps after the checkpoint (maybe none): its high-water mark is not the
+        # training's, so the record says where it started and the report leaves its peak memory out.
+        record["resumed_from_step"] = _checkpoint_step(train_dir) if resume else 0
         result = train.train(cfg, resume=resume, progress=False, model_and_tokenizer=(base, tokenizer))
         record["peak_rss_train_mb"] = _peak_rss_mb()
         logged = train.read_metrics(train_dir / "metrics.jsonl")

@@ -87,9 +87,11 @@ def main_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for group in group_runs(runs):
         first = group[0]
         of = first["base_params"]
+        # only processes that trained from step 0: a resumed one's high-water mark misses the earlier steps
+        whole = [r for r in group if not r.get("resumed_from_step")]
         peak, loaded = (
-            _mean(group, lambda r: r.get("peak_rss_train_mb")),
-            _mean(group, lambda r: r["rss_after_load_mb"]),
+            _mean(whole, lambda r: r.get("peak_rss_train_mb")),
+            _mean(whole, lambda r: r["rss_after_load_mb"]),
         )
         row = [
             first["method"],
@@ -162,7 +164,8 @@ def _describe(settings: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         f"learning rate unless one was given, each run in its own process, one at a time. Scored on split "
         f"`{settings['eval_split']}` ({examples} inputs{limit}). Peak RSS is the process's high-water mark at the end "
         "of training; it includes Python, torch and the base model, the same for every row (the part in "
-        "parentheses is what training added after the model was loaded)."
+        "parentheses is what training added after the model was loaded); a run resumed from a checkpoint shows "
+        '"-" (its process did not see every step).'
     )
 
 
