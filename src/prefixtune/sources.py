@@ -315,9 +315,8 @@ def _materialize_tied_weights(model: Any, directory: Any) -> None:
     if any(p.is_meta for p in model.parameters()) and getattr(model.config, "tie_word_embeddings", False):
         head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
         if head is not None and embeddings is not None and head.weight.is_meta:
-            # directly, not model.tie_weights(): in the failing suite runs that left the head on meta; it reads the
-            # class-level `_tied_weights_keys`, whose state then
-            # may be what went wrong (not confirmed)
+            # directly, not model.tie_weights(): in the failing suite runs that left the head on meta too (it reads
+            # the class-level `_tied_weights_keys`; whether that state was what went wrong is not confirmed)
             head.weight = embeddings.weight
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
