@@ -7,6 +7,7 @@ import torch
 
 import prefixtune
 from prefixtune import BASE, PrefixConfig, PrefixTuneError
+from prefixtune.cache_argument import output_cache
 from tiny import ARCHITECTURES, tiny
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
@@ -106,7 +107,7 @@ def test_generate_with_cache_matches_full_recompute(arch: str, attn: str, names:
     reference = _greedy_without_cache(pm, IDS, names, 6)
     assert torch.equal(out.sequences, reference)
     # the cache holds real tokens only: prompt + generated - 1 (the last token is never fed back)
-    assert out.past_key_values.get_seq_length() == IDS.shape[1] + 6 - 1
+    assert output_cache(out).get_seq_length() == IDS.shape[1] + 6 - 1
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
@@ -212,7 +213,7 @@ def test_init_from_real_word_activations() -> None:
     assert pm.adapter_config().init == "text"
     with torch.no_grad():
         out = base(input_ids=torch.tensor([ids]), use_cache=True)  # activations of the frozen model
-    cache = out.past_key_values
+    cache = output_cache(out)
     kv = pm.adapters["default"].collapsed()
     for layer in range(2):
         torch.testing.assert_close(kv[layer, 0], cache.layers[layer].keys[0], rtol=0, atol=1e-6)

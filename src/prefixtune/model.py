@@ -32,6 +32,7 @@ from .attention import (
     restore_implementation,
     route_through_prefix,
 )
+from .cache_argument import cache_from
 from .errors import PrefixTuneError
 from .locations import describe_layers, resolve, saved_parts
 from .methods.head import copy_head, route_rows
@@ -344,7 +345,7 @@ class PrefixModel(nn.Module):
         length = reference.shape[1]
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            cache = kwargs.get("past_key_values")
+            cache = cache_from(kwargs)  # `cache` on transformers >= 5.24, `past_key_values` before
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + length, device=reference.device)[None, :]
         kwargs["position_ids"] = position_ids + batch.offsets[:, None].to(position_ids.device)

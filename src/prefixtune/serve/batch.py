@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from ..attention import PrefixBatch
+from ..cache_argument import cache_argument
 from ..model import PrefixModel
 
 
@@ -117,8 +118,8 @@ class RunningBatch:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_argument(type(self.model.base_model)): cache},
                 **self._last_only,
             )
         finally:
