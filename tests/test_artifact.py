@@ -12,6 +12,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
 import prefixtune
+from peft_support import live_peft_prefix
 from prefixtune import PrefixConfig, PrefixTuneError
 from tiny import tiny
 
@@ -36,6 +37,7 @@ def _trained_prefix(arch: str, p: int = 4) -> prefixtune.PrefixModel:
 
 
 @pytest.mark.parametrize("arch", PEFT_ARCHS)
+@live_peft_prefix(strict=False)
 def test_peft_loads_ours_with_same_logits_and_greedy_output(arch: str, tmp_path: Path) -> None:
     pm = _trained_prefix(arch)
     pm.save_adapter(tmp_path / "ours")
@@ -51,6 +53,7 @@ def test_peft_loads_ours_with_same_logits_and_greedy_output(arch: str, tmp_path:
 
 
 @pytest.mark.parametrize("arch", PEFT_ARCHS)
+@live_peft_prefix()
 def test_we_load_peft_prefix_with_same_logits(arch: str, tmp_path: Path) -> None:
     base = _peft_comparable(arch)
     torch.manual_seed(3)

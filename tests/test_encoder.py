@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prefixtune
+from peft_support import live_peft_prefix
 from prefixtune import BASE, PrefixConfig, PrefixTuneError
 from tiny import tiny
 from tiny_seq2seq import ENCODERS, tiny_encoder
@@ -116,6 +117,7 @@ def _neutral_positions(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@live_peft_prefix()
 def test_peft_reads_our_prefix_and_head(tmp_path: Path) -> None:
     pm = _attach_two(_neutral_positions(tiny_encoder("bert")))
     pm.save_adapter(tmp_path / "a", name="a")
@@ -126,6 +128,7 @@ def test_peft_reads_our_prefix_and_head(tmp_path: Path) -> None:
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+@live_peft_prefix()
 def test_we_read_peft_prefix_and_head(tmp_path: Path) -> None:
     model = _neutral_positions(tiny_encoder("bert"))
     torch.manual_seed(3)

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prefixtune
+from peft_support import live_peft_prefix
 from prefixtune import BASE, PrefixConfig, PrefixTuneError
 from tiny import tiny
 from tiny_seq2seq import SEQ2SEQ, tiny_seq2seq
@@ -198,6 +199,7 @@ def _neutral_positions(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
+@live_peft_prefix()
 def test_peft_reads_our_decoder_prefix(arch: str, tmp_path: Path) -> None:
     """Exact with an odd number of decoder layers: PEFT's layout gives decoder layer i slot 2i mod L."""
     model = _neutral_positions(tiny_seq2seq(arch, **_layers(arch, 3)))
@@ -214,6 +216,7 @@ def test_peft_reads_our_decoder_prefix(arch: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("layers", [2, 3])
 @pytest.mark.parametrize("arch", ["bart", "t5"])
+@live_peft_prefix(strict=False)
 def test_we_read_peft_seq2seq_prefix(arch: str, layers: int, tmp_path: Path) -> None:
     model = _neutral_positions(tiny_seq2seq(arch, **_layers(arch, layers)))
     torch.manual_seed(3)
