@@ -4,9 +4,9 @@ Run it at the locked versions (PEFT's prefix-tuning must work with the installed
 
     .venv/bin/python tests/golden/make_golden.py
 
-Each case directory holds `base/` (the tiny model, saved so that the test does not depend on how a later
-transformers initializes weights), `adapter/` (what PEFT's `save_pretrained` wrote, its model card left out) and
-`expected.safetensors` (the inputs, PEFT's logits and, for generative models, PEFT's greedy continuation).
+Each case directory holds `base/` (the tiny model's config and state dict, saved so that the test does not depend
+on how a later transformers initializes weights), `adapter/` (what PEFT's `save_pretrained` wrote, its model card
+left out) and `expected.safetensors` (the inputs, PEFT's logits and, for generative models, PEFT's greedy continuation).
 `cases.json` lists the cases and the versions that wrote them. tests/test_peft_golden.py reads them.
 """
 
@@ -111,7 +111,12 @@ def main() -> None:
         out = HERE / name
         shutil.rmtree(out, ignore_errors=True)
         base = case["make"]()
-        base.save_pretrained(out / "base")
+        # The config and the model's own state dict (tied tensors written out in full, names as the model has
+        # them): the test builds the model from the config and loads this, with no loader conventions in between.
+        base.config.save_pretrained(out / "base")
+        (out / "base").mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+        save_file(state, out / "base" / "weights.safetensors")
         torch.manual_seed(3)
         model = peft.get_peft_model(base, case["config"]).eval()
         with torch.no_grad():  # move PEFT's freshly initialized weights somewhere non-trivial
