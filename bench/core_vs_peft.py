@@ -36,7 +36,7 @@ def load(name: str):
         from tiny import tiny
 
         return tiny("llama-gqa")
-    from prefixtune.sources import load_model
+    from prefixtune.models import load_model
 
     return load_model(name)[0]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from prefixtune import data, sources
+from prefixtune import data, models
 from prefixtune.artifact import atomic_write_bytes
 from prefixtune.config import TrainConfig
 from prefixtune.train import train
@@ -34,7 +34,7 @@ def tiny_model(directory: Path) -> str:
     """A random 2-layer Llama saved with smollm2-135m's tokenizer: a model directory like any other."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(sources.prepare_alias("smollm2-135m"))
+    tokenizer = AutoTokenizer.from_pretrained(models.prepare_alias("smollm2-135m"))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -126,7 +126,7 @@ def load_resident_model(name: str) -> Any:
     """The model (prefixtune.sources.load_model), every weight read once so that it is resident."""
     import torch
 
-    from prefixtune.sources import load_model
+    from prefixtune.models import load_model
 
     model = load_model(name)[0]
     with torch.no_grad():  # weights may be mmapped and paged in lazily: touch them so they count before training

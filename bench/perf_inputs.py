@@ -51,12 +51,12 @@ def load_tokenizer(model: str) -> Any:
     """The tokenizer of `model` (a prefixtune.sources name or a directory), with a pad token."""
     from transformers import AutoTokenizer
 
-    from prefixtune import sources
+    from prefixtune import models
 
-    kind, where = sources.resolve(model)
-    directory = sources.prepare_alias(str(where)) if kind == "alias" else where
+    kind, where = models.resolve(model)
+    directory = models.prepare_alias(str(where)) if kind == "alias" else where
     if kind == "gguf":
-        return sources.load_model(model)[1]
+        return models.load_model(model)[1]
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

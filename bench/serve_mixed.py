@@ -77,7 +77,7 @@ def build(name: str) -> tuple[PrefixModel, Any, Path]:
     if name == "tiny":
         model, tokenizer = tiny()
     else:
-        from prefixtune.sources import load_model
+        from prefixtune.models import load_model
 
         model, tokenizer = load_model(name)
     wrapped = PrefixModel(model, tokenizer=tokenizer)

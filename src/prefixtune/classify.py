@@ -108,7 +108,7 @@ def training_labels(cfg: Any, task_data: Sequence[Any]) -> list[str] | None:
 
 def load_for_training(cfg: Any, task_data: Sequence[Any]) -> tuple[Any, Any]:
     """The model for a training run: with `--task classify`, an encoder comes with one output per label."""
-    from .sources import load_model
+    from .models import load_model
 
     return load_model(cfg.model, labels=training_labels(cfg, task_data))
 
@@ -182,7 +182,7 @@ def saved_labels(adapters: Sequence[str | Any]) -> list[str] | None:
 
 def wants_classify(model_name: str, adapter: str | None) -> bool:
     """Whether eval should classify without being told: the model is an encoder, or the adapter holds labels."""
-    from .sources import is_encoder_model
+    from .models import is_encoder_model
 
     return (adapter is not None and saved_labels([adapter]) is not None) or is_encoder_model(model_name)
 

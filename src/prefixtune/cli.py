@@ -154,7 +154,7 @@ def _load(
     """The model (with its adapter). Classifier adapters bring their labels: an encoder loads with one output each;
     without an adapter, `labels` (the eval data's) give an encoder its untrained head."""
     from .classify import saved_labels
-    from .sources import load_model
+    from .models import load_model
 
     if adapter is not None:
         labels = saved_labels([adapter]) or labels
@@ -247,7 +247,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from .classify import is_sequence_classifier, predict, saved_labels
     from .model import BASE, load_adapter
-    from .sources import load_model
+    from .models import load_model
 
     if args.prompt is None and args.input_file is None:
         args.input_file = "-"
@@ -353,11 +353,11 @@ def _add_models(sub: Any) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from . import sources
+    from . import models
 
     if args.prepare:
-        sources.prepare_alias(args.prepare)
-    for row in sources.list_models():
+        models.prepare_alias(args.prepare)
+    for row in models.list_models():
         print(json.dumps(row))
     return 0
 
@@ -369,11 +369,11 @@ def _add_data(sub: Any) -> None:
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    from . import sources
+    from .data import builtin
 
     if args.prepare:
-        sources.prepare_dataset(args.prepare, args.data_dir)
-    for row in sources.list_datasets(args.data_dir):
+        builtin.prepare_dataset(args.prepare, args.data_dir)
+    for row in builtin.list_datasets(args.data_dir):
         print(json.dumps(row, default=str))
     return 0
 

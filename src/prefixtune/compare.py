@@ -219,9 +219,9 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> tuple[list[J
 
 def check_inputs(jobs: list[Job], settings: CompareSettings) -> None:
     """Model name, data and sizes, cheaply, before any process starts."""
-    from . import sources, tasks
+    from . import models, tasks
 
-    sources.resolve(settings.model)
+    models.resolve(settings.model)
     first = jobs[-1].config
     available = len(tasks.load_tasks(replace(first, train_size=None))[0][0].train)
     largest = max((s for s in settings.train_sizes if s is not None), default=0)

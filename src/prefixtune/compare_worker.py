@@ -48,7 +48,7 @@ def run_job(job_path: Path) -> dict[str, Any]:
     from . import checkpoint, data, tasks, train
     from .evaluate import evaluate
     from .methods.registry import load_trained
-    from .sources import load_model
+    from .models import load_model
 
     job = json.loads(job_path.read_text())
     cfg = TrainConfig(**job["config"])

@@ -18,7 +18,7 @@ from . import data
 from .artifact import ADAPTER_WEIGHTS, atomic_write_bytes
 from .config import TrainConfig
 from .evaluate import evaluate
-from .sources import load_model
+from .models import load_model
 from .train import train
 
 # The demo's prefix: Li & Liang's recipe (MLP reparameterization, real-word initialization) at a CPU budget.

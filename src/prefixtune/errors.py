@@ -8,3 +8,9 @@ class PrefixTuneError(Exception):
 
     The command line prints it on one line and exits with status 2; nothing on disk is changed when it is raised.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line for a PrefixTuneError message: its type and the first line of its text."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from . import data, sources
+from . import data
 from .config import TrainConfig
+from .data import builtin
 from .errors import PrefixTuneError
 
 # Files of the run directory that live beside OUT/<task>/: a task may not take their names.
@@ -86,7 +87,7 @@ def _load_named(cfg: TrainConfig, name: str, spec: str) -> TaskData:
 def _tasks_in_file(cfg: TrainConfig) -> dict[str, list[data.Example]] | None:
     """A local file whose records name their task: its examples by task, in file order (else None)."""
     spec = str(cfg.data)
-    if spec in sources.DATA_ALIASES or spec.startswith("hf:") or not Path(spec).expanduser().is_file():
+    if spec in builtin.DATA_ALIASES or spec.startswith("hf:") or not Path(spec).expanduser().is_file():
         return None  # built-in sets tag every example with their own name; hf: sets keep their own splits
     examples = _load(cfg, spec, "all")
     named = [e for e in examples if e.task is not None]

@@ -80,7 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise PrefixTuneError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     try:
-        from ..sources import load_model
+        from ..models import load_model
     except ImportError as exc:
         raise PrefixTuneError(f"cannot load models by name in this install ({exc})") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

