@@ -1,0 +1,163 @@
+"""Library functions behind `prefixtune eval` and `prefixtune generate`: load a model with its trained methods,
+score it on a data set, answer prompts. The CLI only parses arguments and prints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import TextStreamer
+
+from . import classify, data
+from .artifact import atomic_write_bytes
+from .errors import PrefixTuneError
+from .evaluate import evaluate, generate_texts
+from .methods.registry import detect_method, load_trained
+from .model import BASE, load_adapter
+from .models import load_model
+
+BUILTIN_TEST_SPLIT = ("e2e", "xsum", "multiemo")  # built-in sets are scored on their test split by default
+
+
+def load_for_inference(
+    model_name: str, adapter: str | None, force: bool = False, labels: list[str] | None = None
+) -> tuple[Any, Any]:
+    """The model with its trained method (any method's directory; none for the untuned model), and its tokenizer.
+
+    Classifier adapters bring their labels: an encoder loads with one output each; without an adapter, `labels`
+    (the eval data's) give an encoder its untrained head.
+    """
+    if adapter is not None:
+        labels = classify.saved_labels([adapter]) or labels
+    base, tokenizer = load_model(model_name, labels=labels)
+    if adapter is None:
+        return base, tokenizer
+    if force and detect_method(adapter) == "prefix":
+        return load_adapter(base, adapter, force=True), tokenizer
+    return load_trained(base, adapter), tokenizer
+
+
+def evaluate_on_data(
+    model_name: str,
+    adapter: str | None,
+    data_spec: str,
+    *,
+    split: str | None = None,
+    task: str | None = None,
+    metrics: str | None = None,
+    limit: int | None = None,
+    force: bool = False,
+    predictions_path: str | None = None,
+    data_dir: str | None = None,
+    source_field: str | None = None,
+    target_field: str | None = None,
+    progress: bool = False,
+    **generation: Any,
+) -> dict[str, Any]:
+    """Score a model (with `adapter`, or untuned) on a data set; the result is what `prefixtune eval` prints.
+
+    `generation`: max_length, max_new_tokens, batch_size, chat_template, num_beams (as `evaluate.evaluate`).
+    """
+    if split is None and data_spec in BUILTIN_TEST_SPLIT:
+        split = "test"
+    examples = data.load_dataset(
+        data_spec, split=split, data_dir=data_dir, source_field=source_field, target_field=target_field
+    )[:limit]
+    wants = data_spec == "multiemo" or classify.wants_classify(model_name, adapter)
+    task = task or ("classify" if wants else "generate")
+    labels = sorted({str(classify.example_label(e)) for e in examples}) if task == "classify" else None
+    if task == "classify" and not adapter:
+        torch.manual_seed(0)  # an encoder's untrained head: the one a seed-0 training run starts from
+    model, tokenizer = load_for_inference(model_name, adapter, force, labels)
+    default = "accuracy,macro_f1" if classify.is_sequence_classifier(model) else "bleu,rouge"
+    names = [m.strip() for m in (metrics or default).split(",") if m.strip()]
+    scores, predicted = evaluate(
+        model, tokenizer, examples, metric_names=names, task=task, progress=progress, **generation
+    )
+    if predictions_path:
+        lines = [
+            json.dumps({"source": e.source, "prediction": p, "references": e.references or [e.target]})
+            for e, p in zip(examples, predicted)
+        ]
+        atomic_write_bytes(predictions_path, ("\n".join(lines) + "\n").encode())
+    return {"model": model_name, "adapter": adapter, "data": data_spec, "split": split, **scores}
+
+
+def load_with_adapters(model_name: str, adapter_specs: Sequence[str]) -> tuple[Any, Any, list[str]]:
+    """The model with prefixes from `[NAME=]DIR` specs, its tokenizer, and the adapter names in order."""
+    paths = [spec.partition("=")[2] or spec for spec in adapter_specs]
+    base, tokenizer = load_model(model_name, labels=classify.saved_labels(paths))  # classifier adapters' labels
+    model: Any = base
+    names: list[str] = []
+    for spec in adapter_specs:
+        name, sep, path = spec.partition("=")
+        model = load_adapter(model, path, name=name) if sep else load_adapter(model, spec)
+        names.append(model.adapter_names[-1])
+    return model, tokenizer, names
+
+
+def route_lines(lines: Sequence[str], names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Lines of an input file -> (prompts, adapter per prompt): 'NAME<TAB>text' picks a loaded adapter."""
+    prompts, chosen = [], []
+    for number, line in enumerate(lines, 1):
+        name, tab, text = line.partition("\t")
+        if tab and names:
+            if name not in names and name != BASE:
+                raise PrefixTuneError(f"line {number}: adapter {name!r} was not loaded (loaded: {list(names)})")
+            chosen.append(name)
+            prompts.append(text)
+        else:
+            chosen.append(names[0] if names else BASE)
+            prompts.append(line)
+    return prompts, chosen
+
+
+def answer_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: Sequence[str] | None, **generation: Any
+) -> list[str]:
+    """One output per prompt: the predicted label for a classifier, else the generated text (greedy, beam or
+    sampled as `generation` says: batch_size, max_new_tokens, chat_template, num_beams, do_sample, ...)."""
+    if classify.is_sequence_classifier(model):
+        outputs, _ = classify.predict(
+            model, tokenizer, list(prompts), adapter_names=adapter_names, batch_size=generation.get("batch_size", 8)
+        )
+        return list(outputs)
+    return generate_texts(model, tokenizer, list(prompts), adapter_names=adapter_names, first_line=False, **generation)
+
+
+def stream_prompt(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    raw: bool,
+    chat_template: bool,
+    max_new_tokens: int,
+    num_beams: int,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+) -> None:
+    """Generate for one prompt, printing tokens as they come (beam search prints the whole answer at the end)."""
+    if raw:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    else:
+        ids = torch.tensor(data.encode_prompts([prompt], tokenizer, chat_template=chat_template)[0])
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if num_beams == 1:  # transformers streams greedy and sampled decoding only
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    out = model.generate(**kwargs)
+    if num_beams > 1:
+        print(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
