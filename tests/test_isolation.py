@@ -190,3 +190,16 @@ def test_a_model_whose_attention_does_not_receive_the_forward_kwargs_is_refused(
     with pytest.raises(PrefixTuneError, match="LlamaAttention is not handed the forward's keyword arguments"):
         prefixtune.attach(model, PrefixConfig(num_virtual_tokens=2, init="random"))
     assert model.config._attn_implementation == "sdpa"  # given back as it was
+
+
+def test_a_generate_that_drops_the_model_kwargs_is_an_error_not_a_silent_bare_model() -> None:
+    pm = _two_adapters(tiny("llama-gqa"))
+    stock = pm.base_model.prepare_inputs_for_generation
+
+    def dropping(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {k: v for k, v in stock(*args, **kwargs).items() if k != "prefix_batch"}
+
+    pm.base_model.prepare_inputs_for_generation = dropping
+    with pytest.raises(PrefixTuneError, match="did not pass its model kwargs on to the forward"):
+        pm.generate(input_ids=IDS, adapter_names=["a", "b"], **GREEDY)
+    pm.generate(input_ids=IDS, adapter_names=[BASE, BASE], **GREEDY)  # no prefix to lose: fine

@@ -267,7 +267,13 @@ class PrefixModel(nn.Module):
         rows = _batch_rows(args, kwargs)
         batch = self.prefix_batch(adapter_names, rows)
         with self._heads_routed(adapter_names, rows):
-            return self.base_model.generate(*args, **kwargs, **{BATCH_KWARG: batch})
+            output = self.base_model.generate(*args, **kwargs, **{BATCH_KWARG: batch})
+        if batch.width > 0 and not batch.reached:  # the probe checked forward; a model's own generate could drop it
+            raise PrefixTuneError(
+                f"{type(self.base_model).__name__}.generate did not pass its model kwargs on to the forward, so the "
+                "prefixes were not applied; generate with a model whose prepare_inputs_for_generation forwards them"
+            )
+        return output
 
     @contextmanager
     def _heads_routed(self, adapter_names: Sequence[str] | None, rows: int) -> Iterator[None]:

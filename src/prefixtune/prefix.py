@@ -1,16 +1,12 @@
-"""The mechanism: a prefix config, its trainable encoder, the per-call prefix batch, and the attention function.
+"""The mechanism: prefix config, trainable encoder, per-call prefix batch, attention function, position offsets.
 
-For each attention layer a key block and a value block of P "virtual tokens" are prepended to that layer's keys
-and values, after the layer's own projection and rotary embedding, inside an attention function registered with
-`transformers.AttentionInterface`. The model computes its own post-RoPE query/key/value (so GQA, odd head dims,
-sliding windows and caches are its business); we prepend each row's prefix, widen the mask, and call the stock
-`sdpa` or `eager` kernel. The KV cache holds real tokens only.
-
-Each call's `PrefixBatch` reaches the attention function as data: `base_model(..., prefix_batch=batch)`.
-transformers 5 hands a model's forward keyword arguments down to every attention call (and `generate` hands its
-model kwargs to every forward; gradient-checkpoint replays receive the same ones), so nothing about a call lives
-on the model: it survives `copy.deepcopy` and concurrent calls from several threads. Which layer a module is
-comes from an integer attribute the probe (layers.py) sets on it.
+Each attention layer gets P "virtual tokens" of keys and values, prepended after the layer's own projection and
+rotary embedding inside an attention function registered with `transformers.AttentionInterface`: the model
+computes its own query/key/value (GQA, odd head dims, sliding windows and caches are its business), we prepend
+each row's prefix, widen the mask and call the stock `sdpa` or `eager` kernel. The KV cache holds real tokens.
+Each call's `PrefixBatch` arrives as data, `base_model(..., prefix_batch=batch)`: transformers 5 hands a forward's
+keyword arguments down to every attention call (generate's model kwargs reach every forward, checkpoint replays
+get them again), so nothing about a call lives on the model: deep copies and concurrent threads just work.
 """
 
 from __future__ import annotations
@@ -220,7 +216,8 @@ class PrefixBatch:
     all_visible:   every column of every row at every layer is visible (one adapter or equal lengths, all layers);
     layer_uniform: `visible` is the same at every layer (one widened mask serves all layers);
     has_offsets:   some row's positions are shifted.
-    The caches below live and die with this call's object, so concurrent calls never share them.
+    The caches below live and die with this call's object, so concurrent calls never share them; `reached` is set
+    by the attention function, so a caller can tell that a model passed the batch on (a custom generate might not).
     """
 
     keys: Tensor
@@ -231,6 +228,7 @@ class PrefixBatch:
     all_visible: bool = False
     layer_uniform: bool = False
     has_offsets: bool = True
+    reached: bool = field(default=False, init=False, repr=False)
     _repeated: dict[int, PrefixBatch] = field(default_factory=dict, init=False, repr=False)
     # The last widened mask: (the model's mask object, facts, widened). Every layer of one forward gets the same
     # mask object, so the widening happens once per forward, not per layer; holding `mask` keeps its id unique.
@@ -324,11 +322,11 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
         value: Tensor,  # (B, H_kv, S, D)
         attention_mask: Tensor | None,
         *args: Any,
-        prefix_batch: PrefixBatch | None = None,
-        prefix_record: list[tuple[nn.Module, int, Tensor, Tensor]] | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
         kernel = _eager_kernel(module) if eager else sdpa_attention_forward
+        prefix_batch: PrefixBatch | None = kwargs.pop(BATCH_KWARG, None)
+        prefix_record: list[tuple[nn.Module, int, Tensor, Tensor]] | None = kwargs.pop(RECORD_KWARG, None)
         if prefix_record is not None:
             prefix_record.append((module, query.shape[2], key.detach(), value.detach()))
         elif prefix_batch is None:
@@ -336,6 +334,7 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
             if unrouted is not None:
                 unrouted.append(module)
         elif prefix_batch.width > 0:
+            prefix_batch.reached = True
             layer: int = getattr(module, LAYER_ATTR)
             batch = prefix_batch.for_rows(key.shape[0])
             if batch.layers is None or layer in batch.layers:
