@@ -16,8 +16,10 @@ import torch
 
 import prefixtune
 from prefixtune import BASE, PrefixConfig, PrefixTuneError
-from tiny import tiny
-from tiny_seq2seq import tiny_encoder, tiny_seq2seq
+from prefixtune.efficiency import enable_gradient_checkpointing
+from prefixtune.prefix import BATCH_KWARG
+from tiny import ARCHITECTURES, tiny
+from tiny_seq2seq import ENCODERS, SEQ2SEQ, tiny_encoder, tiny_seq2seq
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 GREEDY = {"max_new_tokens": 4, "do_sample": False}
@@ -40,6 +42,50 @@ def _logits(pm: prefixtune.PrefixModel, names: list[str], **inputs: Any) -> torc
 
 def _generate(pm: prefixtune.PrefixModel, names: list[str], **inputs: Any) -> torch.Tensor:
     return pm.generate(**inputs, adapter_names=names, **GREEDY, num_beams=2, num_return_sequences=2)
+
+
+# ----- the batch reaches every attention call ------------------------------------------------------------------------
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    **{arch: lambda arch=arch: tiny(arch) for arch in ARCHITECTURES},
+    **{arch: lambda arch=arch: tiny_seq2seq(arch) for arch in SEQ2SEQ},
+    **{arch: lambda arch=arch: tiny_encoder(arch) for arch in ENCODERS},
+}
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_every_attention_call_receives_the_calls_prefix_batch(arch: str) -> None:
+    """In a forward, in every step of generate with beams and num_return_sequences, and in the gradient-checkpoint
+    replay: each attention module is called with the batch of the call it belongs to (no state on the model)."""
+    pm = _two_adapters(MODELS[arch]())
+    calls: list[Any] = []
+    for module in pm.layout.modules:
+        module.register_forward_pre_hook(
+            lambda _, args, kwargs: calls.append(kwargs.get(BATCH_KWARG)), with_kwargs=True
+        )
+    seq2seq = arch in SEQ2SEQ
+    inputs = {"input_ids": IDS, **({"decoder_input_ids": IDS[:, :2]} if seq2seq else {})}
+    _logits(pm, ["a", "b"], **inputs)
+    assert len(calls) == pm.layout.num_layers and calls[0] is not None and all(c is calls[0] for c in calls)
+    if arch not in ENCODERS:
+        calls.clear()
+        pm.generate(
+            input_ids=IDS,
+            adapter_names=["a", "b"],
+            max_new_tokens=3,
+            min_new_tokens=3,
+            num_beams=2,
+            num_return_sequences=2,
+        )
+        steps = 3 * len(pm.layout.layers_of(("decoder", "cross"))) + len(pm.layout.layers_of(("encoder",)))
+        assert len(calls) == steps and calls[0] is not None and all(c is calls[0] for c in calls)
+    if pm.base_model.supports_gradient_checkpointing:
+        enable_gradient_checkpointing(pm)
+        pm.train()
+        calls.clear()
+        out = pm(**inputs, adapter_names=["a", "b"])
+        out.logits.float().pow(2).mean().backward()  # (every architecture here checkpoints all its layers)
+        assert len(calls) == 2 * pm.layout.num_layers and calls[0] is not None and all(c is calls[0] for c in calls)
 
 
 # ----- copy.deepcopy ------------------------------------------------------------------------------------------------
