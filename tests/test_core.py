@@ -237,7 +237,9 @@ def test_bad_adapter_names() -> None:
         pm.add_adapter("../x", PrefixConfig())
     with pytest.raises(PrefixTuneError, match="already exists"):
         pm.add_adapter("a", PrefixConfig())
-    assert pm.router.batch is None  # a failed call leaves nothing selected
+    # a failed call leaves nothing selected: the next call gets exactly what it asks for
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=IDS[:1], adapter_names=[BASE]).logits, pm.base_model(IDS[:1]).logits)
 
 
 def test_bad_configs() -> None:
@@ -270,7 +272,7 @@ def test_detach_restores_the_base_model() -> None:
 
 
 def test_mask_is_widened_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    import prefixtune.attention as attention
+    import prefixtune.prefix as attention
 
     pm = _attach_two(tiny("llama-gqa"))
     calls = []

@@ -9,8 +9,8 @@ The public verbs:
 """
 
 from .errors import PrefixTuneError
-from .methods.prefix import PrefixConfig
 from .model import BASE, PrefixModel, attach, load_adapter
+from .prefix import PrefixConfig
 
 __all__ = ["BASE", "PrefixConfig", "PrefixModel", "PrefixTuneError", "attach", "load_adapter"]
 __version__ = "0.1.0"

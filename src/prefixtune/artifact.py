@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import PrefixTuneError
-from .methods.prefix import LOCATIONS, PrefixConfig, from_peft_embeddings, to_peft_embeddings
+from .prefix import LOCATIONS, PrefixConfig, from_peft_embeddings, to_peft_embeddings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

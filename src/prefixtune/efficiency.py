@@ -3,52 +3,34 @@
 - `enable_gradient_checkpointing(model)`: every decoder layer keeps only its input and recomputes its activations
   in the backward pass (non-reentrant `torch.utils.checkpoint`). PEFT cannot do this for prompt-learning methods:
   transformers drops `past_key_values` inside checkpointed layers, and that is where PEFT's prefix lives. Ours
-  enters through the attention function and is read from the model's `PrefixRouter`, so the recomputation puts
-  back the prefix batch of the forward pass it replays (checkpoint's `context_fn`). Gradients equal those without
-  checkpointing up to float rounding (tests/test_performance.py: 1e-6).
+  enters through the attention function as a forward keyword argument, which the checkpointed layer's replay
+  receives again, so the recomputation sees the prefixes of the forward pass it replays with nothing to restore.
+  Gradients equal those without checkpointing up to float rounding (tests/test_performance.py: 1e-6).
 - `micro_steps(model, n)`: the micro-batches of one optimizer step. With n > 1 the prefix MLP (and its dropout)
-  runs once per step instead of once per micro-batch: its output is computed on first use, handed to every
-  micro-batch as a leaf tensor that collects their gradients, and back-propagated through the MLP once at the end.
-  Same gradients up to float rounding (with dropout, one mask is drawn per step instead of one per micro-batch).
+  runs once per step instead of once per micro-batch (`PrefixModel.prefix_once_per_step`): its output is computed
+  on first use, handed to every micro-batch as a leaf tensor that collects their gradients, and back-propagated
+  through the MLP once at the end. Same gradients up to float rounding (with dropout, one mask is drawn per step
+  instead of one per micro-batch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from contextlib import ExitStack
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .errors import PrefixTuneError
+from .model import PrefixModel
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
-    from transformers import PreTrainedModel
-
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             return module
     raise PrefixTuneError(f"{type(model).__name__} holds no transformers model to checkpoint")
-
-
-def _router(model: nn.Module) -> Any:
-    from .model import PrefixModel
-
-    for module in model.modules():
-        if isinstance(module, PrefixModel):
-            return module.router
-    return None
-
-
-@contextmanager
-def _with_batch(router: Any, batch: Any) -> Iterator[None]:
-    saved, router.batch = router.batch, batch
-    try:
-        yield
-    finally:
-        router.batch = saved
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -60,14 +42,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     base = _transformers_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise PrefixTuneError(f"{type(base).__name__} does not support gradient checkpointing")
-    router = _router(model)
-
-    def context_fn() -> tuple[Any, Any]:
-        if router is None:
-            return nullcontext(), nullcontext()
-        return nullcontext(), _with_batch(router, router.batch)  # the batch of this forward, for its replay
-
-    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers releases before the rename
@@ -78,38 +53,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         base.disable_input_require_grads()
 
 
-def disable_gradient_checkpointing(model: nn.Module) -> None:
-    base = _transformers_model(model)
-    if hasattr(base, "activation_checkpointing_disable"):
-        base.activation_checkpointing_disable()
-    else:
-        base.gradient_checkpointing_disable()
-
-
 def micro_steps(model: nn.Module, count: int, *, share_prefix: bool = True) -> Iterator[int]:
     """Yields 0..count-1, one per micro-batch of an optimizer step; see the module docstring.
 
     Use as `for k in micro_steps(model, grad_accum): ...forward, backward...`; the prefix MLP's backward runs when
-    the loop ends normally. With count 1 (or share_prefix off, or no reparameterized prefix) it is `range(count)`.
+    the loop ends normally. With count 1 (or share_prefix off, or no prefix model inside) it is `range(count)`.
     """
-    from .methods.prefix import PrefixEncoder
-
-    encoders = [
-        m
-        for m in model.modules()
-        if isinstance(m, PrefixEncoder) and (m.config.reparameterize or (m.training and m.config.dropout > 0))
-    ]
-    if count < 2 or not share_prefix or not encoders or not torch.is_grad_enabled():
+    prefix_models = [m for m in model.modules() if isinstance(m, PrefixModel)]  # e.g. inside lora+prefix
+    if count < 2 or not share_prefix or not prefix_models or not torch.is_grad_enabled():
         yield from range(count)
         return
-    for encoder in encoders:
-        encoder.step_cache = []
-    try:
+    with ExitStack() as stack:
+        for prefix_model in prefix_models:
+            stack.enter_context(prefix_model.prefix_once_per_step())
         yield from range(count)
-        computed = [encoder.step_cache for encoder in encoders if encoder.step_cache]
-    finally:
-        for encoder in encoders:
-            encoder.step_cache = None
-    pairs = [(kv, leaf.grad) for kv, leaf in computed if leaf.grad is not None and kv.requires_grad]
-    if pairs:
-        torch.autograd.backward([kv for kv, _ in pairs], [grad for _, grad in pairs])

@@ -1,6 +1,6 @@
 """Where a model can take a prefix, and whether a config or a saved prefix fits it.
 
-A location is a kind of attention, as the probe (attention.py) saw it: "encoder" (bidirectional self-attention:
+A location is a kind of attention, as the probe (layers.py) saw it: "encoder" (bidirectional self-attention:
 an encoder-decoder's encoder, or a BERT-style model), "decoder" (causal self-attention: an encoder-decoder's
 decoder, or a causal LM), "cross" (an encoder-decoder's decoder attending over the encoder).
 """
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from . import artifact
-from .attention import ROLES, LayerLayout
 from .errors import PrefixTuneError
-from .methods.head import find_head
-from .methods.prefix import PrefixConfig
+from .heads import find_head
+from .layers import ROLES, LayerLayout
+from .prefix import PrefixConfig
 
 DESCRIBE = {"encoder": "encoder self-attention", "decoder": "decoder self-attention", "cross": "cross-attention"}
 

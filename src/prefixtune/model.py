@@ -1,7 +1,9 @@
 """A frozen base model with named prefixes attached: forward, generate, save, load.
 
 `PrefixModel` owns the adapters (one `PrefixEncoder` each) and, for each call, builds the per-row prefix batch
-that the attention function (attention.py) reads. The base model's weights never change and never train.
+and hands it to the base model as a forward keyword argument, which transformers passes down to the attention
+function (prefix.py). Nothing about a call is stored on the model: calls from several threads do not interfere,
+and `copy.deepcopy` gives an independent model. The base model's weights never change and never train.
 
 Causal LMs, encoder-decoder models (BART, T5: prefixes on encoder self-, decoder self- and cross-attention, each
 switchable with `PrefixConfig.locations`) and encoder classifiers (BERT: P-tuning v2, with a trainable copy of
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -22,21 +24,18 @@ import torch
 from torch import nn
 
 from . import artifact
-from .attention import (
+from .errors import PrefixTuneError
+from .heads import RowRouter, copy_head, rows_of_call
+from .layers import (
     ROLES,
-    PrefixBatch,
-    PrefixRouter,
-    detach_router,
     probe_attention_layers,
     record_key_values,
+    release_layers,
     restore_implementation,
     route_through_prefix,
 )
-from .cache_argument import cache_from
-from .errors import PrefixTuneError
 from .locations import describe_layers, resolve, saved_parts
-from .methods.head import copy_head, route_rows
-from .methods.prefix import PrefixConfig, PrefixEncoder
+from .prefix import BATCH_KWARG, RECORD_KWARG, PrefixBatch, PrefixConfig, PrefixEncoder, offset_positions
 
 BASE = "__base__"  # in adapter_names: this row uses no prefix (PEFT's convention)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -61,22 +60,24 @@ class PrefixModel(nn.Module):
         self.base_model = model
         self.tokenizer = tokenizer
         self.adapters = nn.ModuleDict()
-        self.heads = nn.ModuleDict()  # adapter name -> its trainable copy of the task head (methods/head.py)
+        self.heads = nn.ModuleDict()  # adapter name -> its trainable copy of the task head (heads.py)
         self._labels: dict[str, list[str]] = {}  # adapter name -> class names of its head's outputs
         self._head_hooks: dict[str, Any] = {}  # head module name -> hook handle
-        self._row_names: list[str] | None = None  # adapter names of the current call's rows
         self.active_adapter: str | None = None
-        self.router = PrefixRouter()
         self._stock_implementation = route_through_prefix(model)
         try:
-            self.layout = probe_attention_layers(model, self.router)
+            self.layout = probe_attention_layers(model)
         except BaseException:
             restore_implementation(model, self._stock_implementation)
             raise
         for param in model.parameters():
             param.requires_grad_(False)
         self._fingerprint: dict[str, Any] | None = None
-        self._hook = model.register_forward_pre_hook(self._offset_positions, with_kwargs=True)
+        self._hook = model.register_forward_pre_hook(offset_positions, with_kwargs=True)
+        if hasattr(model, "_validate_model_kwargs"):  # a model that can generate
+            # generate() refuses model kwargs that its forward's signature does not name, and ours travel in
+            # **kwargs. A partial (not a closure) so that deepcopy and pickling rebind it to the copied model.
+            model._validate_model_kwargs = partial(_validate_model_kwargs, model)
 
     # ----- adapters -----------------------------------------------------------------------------------------
 
@@ -113,8 +114,8 @@ class PrefixModel(nn.Module):
         if head is not None:
             self.heads[name] = copy_head(self.base_model, head, head_state).to(device)
             if head not in self._head_hooks:
-                hook = route_rows(self.heads, partial(self._rows_with_head, head))
                 module = self.base_model.get_submodule(head)
+                hook = RowRouter(self.heads, self.adapters, head)
                 self._head_hooks[head] = module.register_forward_hook(hook, with_kwargs=True)
             self._labels[name] = labels or _model_labels(self.base_model)
         self.adapters[name] = encoder.to(device)
@@ -147,12 +148,6 @@ class PrefixModel(nn.Module):
         """
         return self._labels.get(self._require(name or self.active_adapter))
 
-    def _rows_with_head(self, head: str) -> list[str] | None:
-        """The current rows' adapter names, BASE for rows whose adapter has no copy of module `head`."""
-        if self._row_names is None:
-            return None
-        return [n if n in self.heads and self.adapters[n].config.head == head else BASE for n in self._row_names]
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train: the prefixes' and their heads' copies, never the base model's."""
         return [p for p in [*self.adapters.parameters(), *self.heads.parameters()] if p.requires_grad]
@@ -182,7 +177,8 @@ class PrefixModel(nn.Module):
         for hook in self._head_hooks.values():
             hook.remove()
         self._head_hooks = {}
-        detach_router(self.layout)
+        self.base_model.__dict__.pop("_validate_model_kwargs", None)
+        release_layers(self.layout)
         restore_implementation(self.base_model, self._stock_implementation)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
@@ -218,8 +214,7 @@ class PrefixModel(nn.Module):
             if not text_ids:
                 raise PrefixTuneError(f"init_text {config.init_text!r} has no tokens")
             ids = torch.tensor(text_ids * (p // len(text_ids) + 1))[:p].unsqueeze(0)
-        with self._selected([BASE], rows=1):
-            return record_key_values(self.base_model, self.router, ids.to(device))[layers].cpu()
+        return record_key_values(self.base_model, ids.to(device))[layers].cpu()
 
     def _load_encoder(
         self, path: str | os.PathLike[str], force: bool
@@ -258,26 +253,47 @@ class PrefixModel(nn.Module):
 
         adapter_names: one adapter name per batch row ("__base__" = no prefix); default: the active adapter.
         """
-        with self._selected(adapter_names, rows=_batch_rows(args, kwargs)):
-            return self.base_model(*args, **kwargs)
+        rows = _batch_rows(args, kwargs)
+        batch = self.prefix_batch(adapter_names, rows)
+        with self._heads_routed(adapter_names, rows):
+            return self.base_model(*args, **kwargs, **{BATCH_KWARG: batch})
 
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """`transformers` generate (greedy, beam, sampling; KV cache of real tokens only) with per-row prefixes."""
-        with self._selected(adapter_names, rows=_batch_rows(args, kwargs)):
-            return self.base_model.generate(*args, **kwargs)
+        """`transformers` generate (greedy, beam, sampling; KV cache of real tokens only) with per-row prefixes.
+
+        The prefix batch rides in generate's model kwargs, which reach every forward (tensors among them are
+        repeated for beams / num_return_sequences, our batch is not: the attention function repeats its rows)."""
+        rows = _batch_rows(args, kwargs)
+        batch = self.prefix_batch(adapter_names, rows)
+        with self._heads_routed(adapter_names, rows):
+            output = self.base_model.generate(*args, **kwargs, **{BATCH_KWARG: batch})
+        if batch.width > 0 and not batch.reached:  # the probe checked forward; a model's own generate could drop it
+            raise PrefixTuneError(
+                f"{type(self.base_model).__name__}.generate did not pass its model kwargs on to the forward, so the "
+                "prefixes were not applied; generate with a model whose prepare_inputs_for_generation forwards them"
+            )
+        return output
 
     @contextmanager
-    def _selected(self, adapter_names: Sequence[str] | None, rows: int) -> Iterator[None]:
-        if self.router.batch is not None:
-            raise PrefixTuneError("PrefixModel calls cannot be nested")
-        self.router.batch = self.prefix_batch(adapter_names, rows)
-        self._row_names = list(adapter_names) if adapter_names is not None else [self.active_adapter or BASE] * rows
-        try:
+    def _heads_routed(self, adapter_names: Sequence[str] | None, rows: int) -> Iterator[None]:
+        """Tell the head hooks (heads.py) this call's rows, if any adapter has a head."""
+        if not self._head_hooks:
             yield
-        finally:
-            self.router.clear()
-            self._row_names = None
+            return
+        names = list(adapter_names) if adapter_names is not None else [self.active_adapter or BASE] * rows
+        with rows_of_call(self.heads, names):
+            yield
+
+    @contextmanager
+    def prefix_once_per_step(self) -> Iterator[None]:
+        """Within the block (the micro-batches of one optimizer step), each adapter's prefix MLP runs once: see
+        `PrefixEncoder.once_per_step`. Its backward runs when the block ends normally."""
+        with ExitStack() as stack:
+            for encoder in self.adapters.values():
+                if encoder.costs_per_call:
+                    stack.enter_context(encoder.once_per_step())
+            yield
 
     def prefix_batch(self, adapter_names: Sequence[str] | None, rows: int) -> PrefixBatch:
         """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,)."""
@@ -334,22 +350,12 @@ class PrefixModel(nn.Module):
             ),
         )
 
-    def _offset_positions(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Forward pre-hook on the base model: expand the prefix batch for beams and shift position ids."""
-        if self.router.batch is None or not self.router.batch.has_offsets:
-            return None  # also every encoder and encoder-decoder model: their prefixes have no positions
-        batch = self.router.batch_for(_batch_rows(args, kwargs))
-        reference = args[0] if args else kwargs.get("input_ids")
-        if reference is None:
-            reference = kwargs["inputs_embeds"]
-        length = reference.shape[1]
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            cache = cache_from(kwargs)  # `cache` on transformers >= 5.24, `past_key_values` before
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + length, device=reference.device)[None, :]
-        kwargs["position_ids"] = position_ids + batch.offsets[:, None].to(position_ids.device)
-        return args, kwargs
+
+def _validate_model_kwargs(model: nn.Module, model_kwargs: dict[str, Any]) -> None:
+    """generate's model-kwargs check, without our keywords (which the model's forward takes through **kwargs)."""
+    model_kwargs.pop(BATCH_KWARG, None)
+    model_kwargs.pop(RECORD_KWARG, None)
+    type(model)._validate_model_kwargs(model, model_kwargs)
 
 
 _ROW_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")

@@ -21,8 +21,8 @@ from torch import nn
 from .. import artifact
 from ..errors import PrefixTuneError
 from ..model import PrefixModel, attach, load_adapter
+from ..prefix import PrefixConfig
 from .lora import LoraConfig, inject_lora, load_lora_into
-from .prefix import PrefixConfig
 
 LORA_DIR, PREFIX_DIR = "lora", "prefix"
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import PrefixTuneError
 from ..model import PrefixModel
+from ..prefix import PrefixConfig
 from . import adapter, combo, full, lora, prompt
-from .prefix import PrefixConfig
 
 
 @runtime_checkable

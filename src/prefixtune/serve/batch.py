@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..attention import PrefixBatch
 from ..cache_argument import cache_argument
 from ..model import PrefixModel
+from ..prefix import BATCH_KWARG, PrefixBatch
 
 
 class RunningBatch:
@@ -111,19 +111,16 @@ class RunningBatch:
         positions: torch.Tensor,  # (B, T) real positions; the pre-hook adds prefix offsets
         cache: DynamicCache,
     ) -> torch.Tensor:
-        router = self.model.router
-        router.batch = prefix
-        try:
-            out = self.model.base_model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{cache_argument(type(self.model.base_model)): cache},
-                **self._last_only,
-            )
-        finally:
-            router.clear()
+        # The base model directly (the rows' prefix batch is built once per set of rows, not once per step);
+        # the batch rides in the forward's keyword arguments down to the attention function and the position hook.
+        out = self.model.base_model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_argument(type(self.model.base_model)): cache, BATCH_KWARG: prefix},
+            **self._last_only,
+        )
         return out.logits[:, -1, :].float()  # (B, V); left padding puts every row's last token last
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, adapters: list[str]) -> None:
