@@ -11,7 +11,7 @@ import yaml
 
 from prefixtune import cli, report
 from prefixtune.compare import CompareSettings, plan, route_overrides, write_job
-from prefixtune.compare_worker import run_job
+from prefixtune.compare.worker import run_job
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import read_metrics, train

@@ -393,12 +393,12 @@ ALLOWED_WRITES = [
     ("checkpoint.py", "torch.save(state, tmp / STATE)"),
     ("train.py", 'probe.write_bytes(b"")'),  # a probe of the output directory, deleted at once
     ("train.py", 'with open(metrics_path, "a") as f:'),  # metrics.jsonl is appended; readers skip a torn last line
-    ("compare.py", 'with open(log_path, "ab") as log:'),  # a worker's log, appended
+    ("run.py", 'with open(log_path, "ab") as log:'),  # a worker's log, appended
     ("downloads.py", 'with open(directory / f".{name}.lock", "w") as handle:'),  # a lock file, never read
     ("models.py", 'open(out, "wb") as dst:'),  # into a scratch directory that is renamed in whole
     ("models.py", ".save_pretrained(staged)"),
     ("lora.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),  # atomic_save_directory
-    ("combo.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),
+    ("lora_prefix.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),
     ("full.py", "artifact.atomic_save_directory(directory, self.model.save_pretrained)"),
 ]
 WRITES = re.compile(

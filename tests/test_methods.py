@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from prefixtune import PrefixTuneError
-from prefixtune.methods.adapter import AdapterModel
+from prefixtune.methods.bottleneck import BottleneckModel
 from prefixtune.methods.prompt import PromptConfig, PromptModel
 from prefixtune.methods.registry import (
     METHODS,
@@ -166,7 +166,7 @@ def test_adapter_starts_as_the_base_model_and_detaches_cleanly() -> None:
         expected = base(**inputs).logits
         for style in ("houlsby", "pfeiffer"):
             wrapped = build_method("adapter", base, {"style": style})
-            assert isinstance(wrapped, AdapterModel)
+            assert isinstance(wrapped, BottleneckModel)
             torch.testing.assert_close(wrapped(**inputs).logits, expected, atol=0, rtol=0)
             torch.nn.init.normal_(wrapped.adapters["0_mlp"].up.weight)  # a trained adapter changes the output...
             assert not torch.allclose(wrapped(**inputs).logits, expected)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..compare import CompareSettings, parse_methods, parse_seeds, parse_sizes, run_compare
+from ..compare import CompareSettings, main_table, markdown, parse_methods, parse_seeds, parse_sizes, run_compare
 from ..errors import PrefixTuneError
 
 
@@ -38,7 +38,6 @@ def add_arguments(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import main_table, markdown
 
     for flag in ("max_steps", "batch_size", "eval_limit", "max_new_tokens", "num_beams", "lr"):
         value = getattr(args, flag)

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import PrefixTuneError
 from ..model import PrefixModel
 from ..prefix import PrefixConfig
-from . import adapter, combo, full, lora, prompt
+from . import bottleneck, full, lora, lora_prefix, prompt
 
 
 @runtime_checkable
@@ -117,17 +117,17 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "adapter",
-            adapter.AdapterConfig,
-            adapter.build_adapter,
-            adapter.load_adapter_model,
+            bottleneck.BottleneckConfig,
+            bottleneck.build_bottleneck,
+            bottleneck.load_bottleneck,
             1e-4,
             "Houlsby et al. 2019 sweep 1e-4..1e-3; AdapterHub (Pfeiffer et al.) default 1e-4",
         ),
         MethodSpec(
             "lora+prefix",
-            combo.LoraPrefixConfig,
-            combo.build_lora_prefix,
-            combo.load_lora_prefix,
+            lora_prefix.LoraPrefixConfig,
+            lora_prefix.build_lora_prefix,
+            lora_prefix.load_lora_prefix,
             2e-4,
             "no published value; LoRA's 2e-4 (Hu et al. 2021) for both parts",
             mixable=True,
@@ -186,9 +186,9 @@ def build_method(name: str, model: nn.Module, options: Mapping[str, Any] | Any =
 def detect_method(directory: str | os.PathLike[str]) -> str:
     """Which method saved this directory (also recognizes PEFT's own prefix/prompt/LoRA adapters)."""
     directory = Path(directory)
-    if (directory / combo.LORA_DIR).is_dir() and (directory / combo.PREFIX_DIR).is_dir():
+    if (directory / lora_prefix.LORA_DIR).is_dir() and (directory / lora_prefix.PREFIX_DIR).is_dir():
         return "lora+prefix"
-    if (directory / adapter.CONFIG_FILE).is_file():
+    if (directory / bottleneck.CONFIG_FILE).is_file():
         return "adapter"
     if (directory / full.CONFIG_FILE).is_file():
         return "full"

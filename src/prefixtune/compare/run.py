@@ -6,7 +6,7 @@
                        written last: a run that has it is finished and is reused, never retrained
     DIR/results.json, report.md, report.html, loss_curves.png, quality_vs_params.png (+ quality_vs_train_size.png)
 
-Each run is a worker process (compare_worker.py) that loads the model, trains (from the run's checkpoint when an
+Each run is a worker process (worker.py) that loads the model, trains (from the run's checkpoint when an
 earlier worker was interrupted), evaluates, and records its own peak RSS (`ru_maxrss`, the kernel's high-water
 mark of that process) after training and at the end. One process per run, one run at a time: a method's memory
 and time are its own. A finished run's checkpoint is deleted (the trained method stays in train/).
@@ -27,10 +27,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .artifact import atomic_write_bytes
-from .config import TrainConfig, build_config
-from .errors import PrefixTuneError
-from .methods.registry import METHODS, make_config, option_names
+from .. import data, models, tasks
+from ..artifact import atomic_write_bytes
+from ..config import TrainConfig, build_config
+from ..errors import PrefixTuneError
+from ..methods.registry import METHODS, make_config, option_names
+from . import report
 
 SETTINGS_FILE = "compare.json"
 RESULT_FILE = "result.json"
@@ -219,8 +221,6 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> tuple[list[J
 
 def check_inputs(jobs: list[Job], settings: CompareSettings) -> None:
     """Model name, data and sizes, cheaply, before any process starts."""
-    from . import models, tasks
-
     models.resolve(settings.model)
     first = jobs[-1].config
     available = len(tasks.load_tasks(replace(first, train_size=None))[0][0].train)
@@ -235,8 +235,6 @@ def check_inputs(jobs: list[Job], settings: CompareSettings) -> None:
 
 
 def eval_examples(cfg: TrainConfig, split: str, limit: int | None) -> list[Any]:
-    from . import data
-
     examples = data.load_dataset(
         str(cfg.data),
         split=None if split == "all" else split,
@@ -249,8 +247,6 @@ def eval_examples(cfg: TrainConfig, split: str, limit: int | None) -> list[Any]:
 
 def run_compare(settings: CompareSettings, out: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
     """Run (or reuse) every run of the comparison and write the report; returns results.json's content."""
-    from . import report
-
     out = Path(out)
     jobs, saved = plan(settings, out)
     check_inputs(jobs, settings)
@@ -282,7 +278,7 @@ def run_compare(settings: CompareSettings, out: str | os.PathLike[str], *, progr
 
 
 def write_job(job: Job, settings: CompareSettings) -> Path:
-    """RUN/job.json: everything the worker needs (compare_worker.run_job reads it)."""
+    """RUN/job.json: everything the worker needs (worker.run_job reads it)."""
     run_dir = Path(job.config.out).parent
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -320,7 +316,7 @@ def _run_or_reuse(
     log_start = log_path.stat().st_size if log_path.is_file() else 0
     with open(log_path, "ab") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "prefixtune.compare_worker", "--job", str(job_path)],
+            [sys.executable, "-m", "prefixtune.compare.worker", "--job", str(job_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=(lock_fd,),  # the worker holds the directory lock too, even if this process dies

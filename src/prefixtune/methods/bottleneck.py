@@ -31,7 +31,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Ta
 
 
 @dataclass
-class AdapterConfig:
+class BottleneckConfig:
     """style: "houlsby" (after attention and MLP) or "pfeiffer" (after MLP only).
     bottleneck_dim: the adapter's inner width (Houlsby et al. tried 8, 64, 256).
     activation: "relu", "gelu", "silu" or "tanh"."""
@@ -68,10 +68,10 @@ class Bottleneck(nn.Module):
         return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
 
 
-class AdapterModel(nn.Module):
+class BottleneckModel(nn.Module):
     """A frozen causal LM with a bottleneck adapter after each decoder layer's attention and/or MLP."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
+    def __init__(self, model: nn.Module, config: BottleneckConfig) -> None:
         super().__init__()
         self.base_model = model
         self.config = config
@@ -134,11 +134,11 @@ def _apply(adapter: Bottleneck) -> Any:
     return hook
 
 
-def build_adapter(model: nn.Module, config: AdapterConfig, tokenizer: Any = None) -> AdapterModel:
-    return AdapterModel(model, config)
+def build_bottleneck(model: nn.Module, config: BottleneckConfig, tokenizer: Any = None) -> BottleneckModel:
+    return BottleneckModel(model, config)
 
 
-def load_adapter_model(model: nn.Module, directory: str | os.PathLike[str]) -> AdapterModel:
+def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> BottleneckModel:
     directory = Path(directory)
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())
@@ -152,7 +152,7 @@ def load_adapter_model(model: nn.Module, directory: str | os.PathLike[str]) -> A
     if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
         raise PrefixTuneError(f"{directory / CONFIG_FILE}: missing the 'adapter' block; re-save the adapter")
     try:
-        config = AdapterConfig(**meta["adapter"])
+        config = BottleneckConfig(**meta["adapter"])
     except TypeError as e:
         raise PrefixTuneError(f"{directory / CONFIG_FILE}: bad 'adapter' block ({e})") from None
     # the config sizes the layers about to be made: it must agree with the saved weights first (a damaged
@@ -163,7 +163,7 @@ def load_adapter_model(model: nn.Module, directory: str | os.PathLike[str]) -> A
             f"{directory}: bottleneck_dim {config.bottleneck_dim} in {CONFIG_FILE} does not match the saved "
             f"weights (down projections of {sorted(s[0] for s in sizes if s) or 'no'} rows); re-save the adapter"
         )
-    wrapped = AdapterModel(model, config)
+    wrapped = BottleneckModel(model, config)
     try:
         wrapped.adapters.load_state_dict(tensors)
     except RuntimeError as e:

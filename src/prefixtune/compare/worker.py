@@ -1,4 +1,4 @@
-"""One run of `prefixtune compare`, in its own process: `python -m prefixtune.compare_worker --job JOB.json`.
+"""One run of `prefixtune compare`, in its own process: `python -m prefixtune.compare.worker --job JOB.json`.
 
 Loads the model, trains (continuing from the run's checkpoint when an earlier worker was interrupted), scores
 the trained method, and writes result.json beside job.json. Its peak memory is its own: `ru_maxrss`, the kernel's
@@ -18,18 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .artifact import atomic_write_bytes
-from .compare import RESULT_FILE, UNTUNED, eval_examples
-from .config import TrainConfig
-from .errors import PrefixTuneError
+import torch
+
+from .. import checkpoint, data, tasks, train
+from ..artifact import atomic_write_bytes
+from ..config import TrainConfig
+from ..errors import PrefixTuneError
+from ..evaluate import evaluate
+from ..methods.registry import load_trained
+from ..models import load_model
+from .run import RESULT_FILE, UNTUNED, eval_examples
 
 
 def _checkpoint_step(train_dir: Path) -> int:
     """The step of the run's newest checkpoint (0 without one)."""
-    import torch
-
-    from . import checkpoint
-
     directory = checkpoint.checkpoint_dir(train_dir)
     state = torch.load(directory / checkpoint.STATE, weights_only=True) if directory else {}
     return int(state.get("step", 0))
@@ -43,13 +45,6 @@ def _peak_rss_mb() -> float:
 
 def run_job(job_path: Path) -> dict[str, Any]:
     """Train (resuming when a checkpoint is there) and evaluate one run; writes and returns result.json."""
-    import torch
-
-    from . import checkpoint, data, tasks, train
-    from .evaluate import evaluate
-    from .methods.registry import load_trained
-    from .models import load_model
-
     job = json.loads(job_path.read_text())
     cfg = TrainConfig(**job["config"])
     method, run_dir, train_dir = job["method"], job_path.parent, Path(cfg.out)
@@ -149,7 +144,7 @@ def saved_size(train_dir: Path) -> dict[str, int]:
 
 
 def _worker_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefixtune.compare_worker", description="one run of a comparison")
+    parser = argparse.ArgumentParser(prog="python -m prefixtune.compare.worker", description="one run of a comparison")
     parser.add_argument("--job", required=True, type=Path, help="DIR/runs/NAME/job.json written by compare")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
