@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from prefixtune.artifact import atomic_write_bytes
+from prefixtune.atomic import atomic_write_bytes
 from prefixtune.compare import CompareSettings, parse_methods, parse_seeds, parse_sizes, run_compare
 from prefixtune.errors import PrefixTuneError
 

@@ -122,7 +122,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        from prefixtune.artifact import atomic_write_bytes
+        from prefixtune.atomic import atomic_write_bytes
 
         atomic_write_bytes(args.json, (text + "\n").encode())
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefixtune import data, models
-from prefixtune.artifact import atomic_write_bytes
+from prefixtune.atomic import atomic_write_bytes
 from prefixtune.config import TrainConfig
 from prefixtune.train import train
 

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_all(args)
     print_tables(result)
     if args.json:
-        from prefixtune.artifact import atomic_write_bytes  # here: torch must not be imported before the env above
+        from prefixtune.peft_format import atomic_write_bytes  # here: torch must not be imported before the env above
 
         atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     failed = [name for name, row in result["train"].items() if "error" in row]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from prefixtune import PrefixConfig, attach, data
-from prefixtune.artifact import atomic_write_bytes
+from prefixtune.atomic import atomic_write_bytes
 from prefixtune.demo import DEMO_OPTIONS
 from prefixtune.evaluate import evaluate
 from prefixtune.loss import causal_lm_loss

@@ -36,7 +36,7 @@ import uvicorn
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import prefixtune
-from prefixtune.artifact import atomic_write_bytes
+from prefixtune.atomic import atomic_write_bytes
 from prefixtune.model import PrefixModel
 from prefixtune.serve import create_app
 from prefixtune.serve.sampling import SamplingParams

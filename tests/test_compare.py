@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefixtune import cli, report
-from prefixtune.compare import CompareSettings, plan, route_overrides, write_job
+from prefixtune import cli
+from prefixtune.compare import CompareSettings, plan, report, route_overrides, write_job
 from prefixtune.compare.worker import run_job
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 import prefixtune
-from prefixtune import artifact, checkpoint, cli, train
+from prefixtune import atomic, checkpoint, cli, peft_format, train
 from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import build_method
 from tiny import tiny
@@ -137,7 +137,7 @@ def _check_run_dir(out: Path, model_dir: Path) -> dict[str, object]:
         assert isinstance(yaml.safe_load((out / "config.yaml").read_text()), dict)
     found["metrics"] = len(train.read_metrics(out / "metrics.jsonl"))  # a torn last line is left out
     base, tokenizer = load_model(str(model_dir))
-    if (out / artifact.ADAPTER_CONFIG).exists():  # written last: the adapter is complete from then on
+    if (out / peft_format.ADAPTER_CONFIG).exists():  # written last: the adapter is complete from then on
         model = prefixtune.load_adapter(base, out, name="check")
         kv = model.adapters["check"].collapsed()
         assert torch.isfinite(kv).all()
@@ -160,8 +160,8 @@ def _run_record(out: Path) -> dict[str, object]:
     """What a finished run holds, byte for byte where bytes are deterministic."""
     records = train.read_metrics(out / "metrics.jsonl")
     return {
-        "adapter": (out / artifact.ADAPTER_WEIGHTS).read_bytes(),
-        "adapter_config": (out / artifact.ADAPTER_CONFIG).read_bytes(),
+        "adapter": (out / peft_format.ADAPTER_WEIGHTS).read_bytes(),
+        "adapter_config": (out / peft_format.ADAPTER_CONFIG).read_bytes(),
         "checkpoint": (out / checkpoint.CHECKPOINT / checkpoint.TRAINABLE).read_bytes(),
         "metrics": [(r["step"], r.get("loss"), r.get("val_loss"), r.get("lr")) for r in records],
     }
@@ -248,14 +248,14 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -> None:
     target = tmp_path / "adapter_config.json"
-    artifact.atomic_write_bytes(target, b"old")
+    atomic.atomic_write_bytes(target, b"old")
 
     def failing(tmp: str) -> None:
         Path(tmp).write_bytes(b"half of the new")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        artifact._atomic(target, failing)
+        atomic._atomic(target, failing)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
@@ -263,7 +263,7 @@ def test_saved_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
     # mkstemp makes 0600 files: an adapter saved through it was unreadable to other users (a server, say)
     old = os.umask(0o022)
     try:
-        artifact.atomic_write_bytes(tmp_path / "a.json", b"{}")
+        atomic.atomic_write_bytes(tmp_path / "a.json", b"{}")
         (tmp_path / "plain.json").write_bytes(b"{}")
     finally:
         os.umask(old)
@@ -283,7 +283,7 @@ def test_atomic_save_directory_moves_the_marker_last_and_keeps_old_files_on_fail
     moved: list[str] = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
-    artifact.atomic_save_directory(target, write, last=("adapter_config.json",))
+    atomic.atomic_save_directory(target, write, last=("adapter_config.json",))
     assert moved[-1] == "adapter_config.json" and len(moved) == 3
     assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
@@ -292,7 +292,7 @@ def test_atomic_save_directory_moves_the_marker_last_and_keeps_old_files_on_fail
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        artifact.atomic_save_directory(target, failing, last=("adapter_config.json",))
+        atomic.atomic_save_directory(target, failing, last=("adapter_config.json",))
     assert (target / "adapter_model.safetensors").read_text() == "new weights"
     assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
@@ -376,19 +376,19 @@ def test_remove_stale_temp_takes_only_our_temporaries(tmp_path: Path) -> None:
     for name in keep + gone:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    artifact.remove_stale_temp(tmp_path)
+    atomic.remove_stale_temp(tmp_path)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == sorted(keep)
 
 
-# Every place in src/ that writes a file, and why it may do so without going through artifact.atomic_*: (file, code
+# Every place in src/ that writes a file, and why it may do so without going through peft_format.atomic_*: (file, code
 # it contains). Anything else that writes (open for writing, write_text/bytes, savefig, save_file, torch.save,
 # save_pretrained, json/yaml dump to a file, copyfile) fails this test. In bench/ only the results a script is told
 # to write (a path from its arguments) are held to this; its scratch inputs live in temporary directories.
 ALLOWED_WRITES = [
-    ("artifact.py", "Path(tmp).write_bytes(data)"),  # the atomic writers themselves: into the temporary file
-    ("artifact.py", "save_file(tensors, tmp, metadata=metadata)"),
-    ("artifact.py", "fig.savefig(buffer, "),  # into memory
+    ("atomic.py", "Path(tmp).write_bytes(data)"),  # the atomic writers themselves: into the temporary file
+    ("atomic.py", "save_file(tensors, tmp, metadata=metadata)"),
+    ("atomic.py", "fig.savefig(buffer, "),  # into memory
     ("checkpoint.py", "save_file(tensors, tmp / TRAINABLE)"),  # into a staging directory, renamed in whole
     ("checkpoint.py", "torch.save(state, tmp / STATE)"),
     ("train.py", 'probe.write_bytes(b"")'),  # a probe of the output directory, deleted at once
@@ -399,7 +399,7 @@ ALLOWED_WRITES = [
     ("models.py", ".save_pretrained(staged)"),
     ("lora.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),  # atomic_save_directory
     ("lora_prefix.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),
-    ("full.py", "artifact.atomic_save_directory(directory, self.model.save_pretrained)"),
+    ("full.py", "atomic.atomic_save_directory(directory, self.model.save_pretrained)"),
 ]
 WRITES = re.compile(
     r"open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|savefig\(|save_file\(|torch\.save\(|"
@@ -418,4 +418,4 @@ def test_every_file_write_is_atomic_or_listed(root: str) -> None:
     unexpected = sorted(
         (name, code) for name, code in found if not any(name == f and part in code for f, part in ALLOWED_WRITES)
     )
-    assert unexpected == [], f"write these through prefixtune.artifact (temp file, fsync, rename): {unexpected}"
+    assert unexpected == [], f"write these through prefixtune.atomic (temp file, fsync, rename): {unexpected}"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .artifact import _fsync_dir, fsync_tree
+from .atomic import _fsync_dir, fsync_tree
 from .errors import PrefixTuneError
 
 CHECKPOINT = "checkpoint"

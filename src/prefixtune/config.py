@@ -276,6 +276,6 @@ def _scalar(value: Any) -> Any:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from .artifact import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False).encode())

@@ -15,10 +15,11 @@ from pathlib import Path
 from safetensors import safe_open
 
 from . import data
-from .artifact import ADAPTER_WEIGHTS, atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .config import TrainConfig
 from .evaluate import evaluate
 from .models import load_model
+from .peft_format import ADAPTER_WEIGHTS
 from .train import train
 
 # The demo's prefix: Li & Liang's recipe (MLP reparameterization, real-word initialization) at a CPU budget.

@@ -11,7 +11,7 @@ import torch
 from transformers import TextStreamer
 
 from . import classify, data
-from .artifact import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .errors import PrefixTuneError
 from .evaluate import evaluate, generate_texts
 from .methods.registry import detect_method, load_trained

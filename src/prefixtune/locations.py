@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import artifact
+from . import peft_format
 from .errors import PrefixTuneError
 from .heads import find_head
 from .layers import ROLES, LayerLayout
@@ -36,13 +36,13 @@ def resolve(model: nn.Module, layout: LayerLayout, config: PrefixConfig) -> Pref
     return replace(config, locations=wanted, position_convention=convention, head=find_head(model, config.head))
 
 
-def saved_parts(saved: artifact.SavedPrefix, model: nn.Module, layout: LayerLayout) -> dict[str, torch.Tensor]:
+def saved_parts(saved: peft_format.SavedPrefix, model: nn.Module, layout: LayerLayout) -> dict[str, torch.Tensor]:
     """The saved per-location prefixes keyed by this model's locations, in ROLES order.
 
     Refuses a prefix for attention the model lacks: an encoder adapter in a causal LM, a seq2seq adapter with
     encoder or cross prefixes in a decoder-only model, a one-stack adapter in an encoder-decoder.
     """
-    here, name = layout.locations, artifact.model_name(model)
+    here, name = layout.locations, peft_format.model_name(model)
     parts = dict(saved.parts)
     if "self" in parts:  # location not recorded: the self-attention of a causal LM or of an encoder
         if here not in (("decoder",), ("encoder",)):

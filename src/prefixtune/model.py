@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import artifact
+from . import peft_format
 from .errors import PrefixTuneError
 from .heads import RowRouter, copy_head, rows_of_call
 from .layers import (
@@ -94,7 +94,7 @@ class PrefixModel(nn.Module):
     def fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
             lay = self.layout
-            self._fingerprint = artifact.fingerprint(self.base_model, lay.num_layers, lay.num_kv_heads, lay.head_dim)
+            self._fingerprint = peft_format.fingerprint(self.base_model, lay.num_layers, lay.num_kv_heads, lay.head_dim)
         return self._fingerprint
 
     def add_adapter(
@@ -158,9 +158,9 @@ class PrefixModel(nn.Module):
         encoder = self.adapters[name]
         parts = self.layout.split(encoder.collapsed(), encoder.config.locations)
         head = {k: v.detach() for k, v in self.heads[name].state_dict().items()} if name in self.heads else None
-        base = artifact.model_name(self.base_model)
+        base = peft_format.model_name(self.base_model)
         encoder_decoder = "cross" in self.layout.locations or _is_encoder_decoder(self.base_model)
-        artifact.save_prefix(
+        peft_format.save_prefix(
             path,
             parts,
             encoder.config,
@@ -220,9 +220,9 @@ class PrefixModel(nn.Module):
         self, path: str | os.PathLike[str], force: bool
     ) -> tuple[PrefixEncoder, dict[str, torch.Tensor] | None, list[str] | None]:
         """A saved prefix as a new adapter, its head's saved weights and label names (if it has a head)."""
-        saved = artifact.read_prefix(path)
+        saved = peft_format.read_prefix(path)
         lay = self.layout
-        here = artifact.model_name(self.base_model)
+        here = peft_format.model_name(self.base_model)
         parts = saved_parts(saved, self.base_model, self.layout)
         _, _, heads, _, dim = next(iter(parts.values())).shape
         theirs = {loc: kv.shape[0] for loc, kv in parts.items()}

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .artifact import atomic_write_bytes, fsync_tree
+from .atomic import atomic_write_bytes, fsync_tree
 from .downloads import cache_dir, cache_lock, pip_download, say
 from .errors import PrefixTuneError, first_line
 

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, classify, data, distributed, evaluate, mixed, tasks
-from .artifact import atomic_save_figure, atomic_write_bytes, remove_stale_temp
+from .atomic import atomic_save_figure, atomic_write_bytes, remove_stale_temp
 from .config import TrainConfig, save_config
 from .efficiency import enable_gradient_checkpointing, micro_steps
 from .errors import PrefixTuneError

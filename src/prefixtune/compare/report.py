@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..artifact import atomic_save_figure, atomic_write_bytes
+from ..atomic import atomic_save_figure, atomic_write_bytes
 
 PNG_FILES = ("loss_curves.png", "quality_vs_params.png", "quality_vs_train_size.png")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import data, models, tasks
-from ..artifact import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..config import TrainConfig, build_config
 from ..errors import PrefixTuneError
 from ..methods.registry import METHODS, make_config, option_names

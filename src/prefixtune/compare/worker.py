@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint, data, tasks, train
-from ..artifact import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..config import TrainConfig
 from ..errors import PrefixTuneError
 from ..evaluate import evaluate

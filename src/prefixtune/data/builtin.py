@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifact import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..downloads import cache_dir, cache_lock, pip_download, say
 from ..errors import PrefixTuneError
 from .package_index import SIMPLE_ACCEPT, NotOnIndex, index_request, listed_files, pip_index_url, redact

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .. import artifact
+from .. import atomic, peft_format
 from ..errors import PrefixTuneError
 from .blocks import find_blocks
 
@@ -114,13 +114,13 @@ class BottleneckModel(nn.Module):
             "adapter": asdict(self.config),
             "num_layers": len(self.adapters) // len(self.config.places),
             "hidden_size": self.base_model.get_input_embeddings().weight.shape[1],
-            "base_model_name_or_path": artifact.model_name(self.base_model),
+            "base_model_name_or_path": peft_format.model_name(self.base_model),
         }
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            artifact.atomic_save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
-            artifact.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+            atomic.atomic_save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
+            atomic.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         except OSError as e:
             raise PrefixTuneError(f"cannot write the adapter to {directory}: {e.strerror}") from None
 
@@ -170,6 +170,6 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Bott
         wrapped.detach()
         raise PrefixTuneError(
             f"adapter {directory} (made for {meta.get('base_model_name_or_path')}) does not fit "
-            f"{artifact.model_name(model)}: {' '.join(str(e).split())[:400]}"
+            f"{peft_format.model_name(model)}: {' '.join(str(e).split())[:400]}"
         ) from None
     return wrapped

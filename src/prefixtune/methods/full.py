@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import artifact
+from .. import atomic
 from ..errors import PrefixTuneError
 from .blocks import find_blocks
 
@@ -87,9 +87,9 @@ class FullModel(nn.Module):
     def save_trained(self, directory: str | os.PathLike[str]) -> None:
         directory = Path(directory)
         try:
-            artifact.atomic_save_directory(directory, self.model.save_pretrained)  # CONFIG_FILE, below, marks it
+            atomic.atomic_save_directory(directory, self.model.save_pretrained)  # CONFIG_FILE, below, marks it
             meta = {"method": "full", "format_version": 1, "full": asdict(self.config)}
-            artifact.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+            atomic.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         except OSError as e:
             raise PrefixTuneError(f"cannot write the model to {directory}: {e.strerror}") from None
 

@@ -14,7 +14,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file
 from torch import nn
 
-from .. import artifact
+from .. import atomic
 from ..errors import PrefixTuneError
 
 
@@ -145,7 +145,7 @@ class LoraModel(nn.Module):
     def save_trained(self, directory: str | os.PathLike[str]) -> None:
         """PEFT's format: adapter_config.json (peft_type LORA) + adapter_model.safetensors."""
         try:  # each file atomically, adapter_config.json (what marks the directory as an adapter) last
-            artifact.atomic_save_directory(
+            atomic.atomic_save_directory(
                 directory, lambda staging: self.peft_model.save_pretrained(str(staging)), last=("adapter_config.json",)
             )
         except OSError as e:

@@ -18,7 +18,7 @@ import peft
 import torch
 from torch import nn
 
-from .. import artifact
+from .. import atomic
 from ..errors import PrefixTuneError
 from ..model import PrefixModel, attach, load_adapter
 from ..prefix import PrefixConfig
@@ -62,7 +62,7 @@ class LoraPrefixModel(nn.Module):
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            artifact.atomic_save_directory(
+            atomic.atomic_save_directory(
                 directory / LORA_DIR,
                 lambda staging: self.peft_model.save_pretrained(str(staging)),
                 last=("adapter_config.json",),

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .. import artifact
+from .. import atomic, peft_format
 from ..errors import PrefixTuneError
 from ..model import BASE, check_adapter_name
 
@@ -231,7 +231,7 @@ def load_prompt(model: nn.Module, directory: str | os.PathLike[str], *, force: b
 
 
 def _base_identity(model: nn.Module) -> dict[str, Any]:
-    full = artifact.fingerprint(model, 0, 0, 0)
+    full = peft_format.fingerprint(model, 0, 0, 0)
     return {k: full[k] for k in ("model_type", "vocab_size", "embedding_sha256")}
 
 
@@ -243,7 +243,7 @@ def save_prompt(path: str | os.PathLike[str], prompt: torch.Tensor, config: Prom
     peft_config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": artifact.model_name(model),
+        "base_model_name_or_path": peft_format.model_name(model),
         "revision": None,
         "inference_mode": True,
         "num_virtual_tokens": p,
@@ -267,10 +267,10 @@ def save_prompt(path: str | os.PathLike[str], prompt: torch.Tensor, config: Prom
     }
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        weights = {artifact.PEFT_KEY: prompt.float().cpu().contiguous()}
-        artifact.atomic_save_tensors(weights, directory / artifact.ADAPTER_WEIGHTS, {"format": "pt"})
-        artifact.atomic_write_bytes(
-            directory / artifact.ADAPTER_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode()
+        weights = {peft_format.PEFT_KEY: prompt.float().cpu().contiguous()}
+        atomic.atomic_save_tensors(weights, directory / peft_format.ADAPTER_WEIGHTS, {"format": "pt"})
+        atomic.atomic_write_bytes(
+            directory / peft_format.ADAPTER_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode()
         )
     except OSError as e:
         raise PrefixTuneError(f"cannot write prompt to {directory}: {e.strerror}") from None
@@ -282,7 +282,7 @@ def read_prompt(
 ) -> tuple[PromptConfig, torch.Tensor]:
     """Read a prompt saved by prefixtune or by PEFT's prompt tuning, checked against `model`."""
     directory = Path(path)
-    config_path, weights_path = directory / artifact.ADAPTER_CONFIG, directory / artifact.ADAPTER_WEIGHTS
+    config_path, weights_path = directory / peft_format.ADAPTER_CONFIG, directory / peft_format.ADAPTER_WEIGHTS
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
@@ -291,31 +291,31 @@ def read_prompt(
         peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
         raise PrefixTuneError(f"{config_path}: not a prompt-tuning adapter (peft_type {peft_type!r})")
     try:
-        prompt = load_file(weights_path)[artifact.PEFT_KEY]
+        prompt = load_file(weights_path)[peft_format.PEFT_KEY]
     except FileNotFoundError:
-        raise PrefixTuneError(f"{directory}: {artifact.ADAPTER_WEIGHTS} not found") from None
+        raise PrefixTuneError(f"{directory}: {peft_format.ADAPTER_WEIGHTS} not found") from None
     except KeyError:
-        raise PrefixTuneError(f"{weights_path}: tensor {artifact.PEFT_KEY!r} not found") from None
+        raise PrefixTuneError(f"{weights_path}: tensor {peft_format.PEFT_KEY!r} not found") from None
     except Exception as e:  # safetensors raises several types for corrupt files
         raise PrefixTuneError(f"{weights_path}: corrupt or truncated safetensors file ({e})") from None
     hidden = model.get_input_embeddings().weight.shape[1]
     if prompt.ndim != 2 or prompt.shape[1] != hidden or prompt.shape[0] != raw.get("num_virtual_tokens"):
         raise PrefixTuneError(
             f"{weights_path}: prompt of shape {tuple(prompt.shape)} does not fit this model "
-            f"({artifact.model_name(model)}, hidden size {hidden}; "
+            f"({peft_format.model_name(model)}, hidden size {hidden}; "
             f"the config says num_virtual_tokens={raw.get('num_virtual_tokens')})"
         )
     if not prompt.is_floating_point():
-        raise PrefixTuneError(f"{weights_path}: {artifact.PEFT_KEY} is {prompt.dtype}, not a float tensor")
+        raise PrefixTuneError(f"{weights_path}: {peft_format.PEFT_KEY} is {prompt.dtype}, not a float tensor")
     prompt = prompt.float()  # before the check: isfinite has no float8 kernel, and float64 may overflow float32
     if not torch.isfinite(prompt).all():
-        raise PrefixTuneError(f"{weights_path}: {artifact.PEFT_KEY} holds NaN or infinite values")
+        raise PrefixTuneError(f"{weights_path}: {peft_format.PEFT_KEY} holds NaN or infinite values")
     ours = raw.get("prefixtune") if isinstance(raw.get("prefixtune"), dict) else {}
     saved_base = ours.get("base_model")
     if isinstance(saved_base, dict) and saved_base != _base_identity(model) and not force:
         raise PrefixTuneError(
             f"prompt {directory} was trained on {raw.get('base_model_name_or_path')}, not on this model "
-            f"{artifact.model_name(model)}; pass force=True (--force) to load it anyway"
+            f"{peft_format.model_name(model)}; pass force=True (--force) to load it anyway"
         )
     fields = ours.get("prompt") if isinstance(ours.get("prompt"), dict) else {"init": "random"}
     unknown = sorted(set(fields) - {f.name for f in dataclass_fields(PromptConfig)})

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import artifact
+from .. import peft_format
 from ..errors import PrefixTuneError
 from ..model import PrefixModel
 from .generation import ServerState, complete
@@ -68,7 +68,7 @@ def create_app(
         metrics=metrics,
         tokenizer_lock=lock,
     )
-    base_name = model_name or artifact.model_name(prefix_model.base_model)
+    base_name = model_name or peft_format.model_name(prefix_model.base_model)
     registry = AdapterRegistry(
         prefix_model, scheduler, base_name, adapters_dir, max_model_len=max_model_len, force=force
     )

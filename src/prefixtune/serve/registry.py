@@ -1,6 +1,6 @@
 """Which adapters the server answers for, and loading/unloading them at run time.
 
-Every adapter is validated (`artifact.read_prefix`) and checked against the base model (`add_adapter`: layers,
+Every adapter is validated (`peft_format.read_prefix`) and checked against the base model (`add_adapter`: layers,
 KV heads, head dim, fingerprint) before it is served. The model itself only changes on the model thread.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import artifact
+from .. import peft_format
 from ..errors import PrefixTuneError
 from ..model import BASE, PrefixModel, check_adapter_name
 from .protocol import APIError
@@ -123,7 +123,7 @@ class AdapterRegistry:
             )
         where = self._adapter_path(name, path)
         try:
-            await asyncio.to_thread(artifact.read_prefix, where)  # the files are whole and well-formed
+            await asyncio.to_thread(peft_format.read_prefix, where)  # the files are whole and well-formed
             await asyncio.wrap_future(
                 self.scheduler.call(lambda: self.model.add_adapter(name, where, force=self.force))
             )

@@ -178,7 +178,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path: Path, monkeypatch: pyt
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("prefixtune.artifact.save_file", fail)
+    monkeypatch.setattr("prefixtune.atomic.save_file", fail)
     with pytest.raises(PrefixTuneError, match="No space left"):
         pm.save_adapter(path)
     assert _snapshot(path) == before  # no temp files left, old files intact
@@ -188,7 +188,7 @@ def test_fingerprint_of_a_large_embedding() -> None:
     """More than 2**24 embedding values (smollm2 has 28M): the sample indices must stay in range."""
     from types import SimpleNamespace
 
-    from prefixtune.artifact import fingerprint
+    from prefixtune.peft_format import fingerprint
 
     class Big(torch.nn.Module):
         def __init__(self) -> None:
