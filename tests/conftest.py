@@ -40,3 +40,40 @@ def data_file(tmp_path_factory: pytest.TempPathFactory):
     rows = [{"input": f"name: {n}", "target": f"{n} is a coffee shop."} for n in NAMES for _ in range(3)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def _t5_bypasses_attention_interface() -> str | None:
+    """Before some transformers 5.x release (5.17 still does it), T5 and mT5 call their own attention instead of
+    the AttentionInterface, so `attach` refuses them with our error. The reason where that is so, else None."""
+    import transformers
+
+    import prefixtune
+    from tiny_seq2seq import tiny_seq2seq
+
+    try:
+        prefixtune.attach(tiny_seq2seq("t5"), prefixtune.PrefixConfig(num_virtual_tokens=1, init="random")).detach()
+    except prefixtune.PrefixTuneError as e:
+        return f"upstream: transformers {transformers.__version__}'s T5 attention bypasses AttentionInterface ({e})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """T5-family tests are expected failures, raising our PrefixTuneError, where transformers' T5 cannot take a
+    prefix (strict: once T5 goes through the interface they must pass)."""
+    t5_items = [i for i in items if "t5" in i.nodeid.split("::", 1)[-1] and i.nodeid.startswith(T5_MODULES)]
+    if not t5_items:
+        return
+    reason = _t5_bypasses_attention_interface()
+    if reason is None:
+        return
+    from prefixtune import PrefixTuneError
+
+    for item in t5_items:
+        item.add_marker(pytest.mark.xfail(reason=reason, raises=PrefixTuneError, strict=True))
+
+
+T5_MODULES = (
+    "tests/test_seq2seq.py",
+    "tests/test_peft_golden.py",
+    "tests/test_isolation.py",
+)

@@ -154,7 +154,7 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(loaded, ["all", "cross"]), ref, rtol=0, atol=1e-6)
 
 
-def test_gradients_reach_prefix_parameters_only() -> None:
+def test_t5_gradients_reach_prefix_parameters_only() -> None:
     model = tiny_seq2seq("t5")
     model.train()
     pm = _attach_three(model)
