@@ -314,30 +314,36 @@ def test_vllms_lora_adapter_routes(served: dict[str, Any]) -> None:
 # ----- bad input ------------------------------------------------------------------------------------------------
 
 BAD = [
-    ("/v1/completions", {"prompt": [5, 6, 99999]}, 400, "token id 99999 at position 2, outside the model's vocabulary"),
-    ("/v1/completions", {"prompt": [[5, 6], [7, 300]]}, 400, "prompt 1 has token id 300"),
-    ("/v1/completions", {"prompt": [[5], []]}, 400, "prompt 1 is empty"),
-    ("/v1/completions", {"prompt": [5, -1]}, 422, "token ids are 0 or more"),
-    ("/v1/completions", {"prompt": []}, 422, "non-empty list"),
-    ("/v1/completions", {"prompt": ["the cat", 5]}, 422, "mixes text and token ids"),
-    ("/v1/completions", {"prompt": [[5, 6], "the cat"]}, 422, "mixes text and token-id lists"),
-    ("/v1/completions", {"prompt": [[5, "6"]]}, 422, "token ids are integers"),
-    ("/v1/completions", {"prompt": [5, True]}, 422, "token ids are integers"),
-    ("/v1/completions", {"prompt": [[[5]]]}, 422, "token ids are integers"),
-    ("/v1/completions", {"prompt": "the cat", "logprobs": 21}, 422, "an integer 0..20"),
-    ("/v1/completions", {"prompt": "the cat", "logprobs": -1}, 422, "an integer 0..20"),
-    ("/v1/completions", {"prompt": "the cat", "logprobs": True}, 422, "an integer 0..20"),
-    ("/v1/completions", {"prompt": "the cat", "max_tokens": 0}, 422, "echo: true"),
-    ("/v1/completions", {"prompt": "the cat", "max_tokens": -1, "echo": True}, 422, "max_tokens"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, 422, "an integer 0..20"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, 422, "top_logprobs needs logprobs: true"),
-    ("/v1/chat/completions", {"logprobs": 3}, 422, "logprobs"),
-    ("/tokenize", {}, 422, "either prompt"),
-    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422, "either prompt"),
-    ("/tokenize", {"model": "nobody", "prompt": "x"}, 404, "does not exist"),
-    ("/detokenize", {"tokens": [5, 99999]}, 400, "outside the model's vocabulary"),
-    ("/detokenize", {"tokens": [-3]}, 422, "token ids are 0 or more"),
-    ("/detokenize", {"tokens": "5 6"}, 422, "a list of token ids"),
+    (
+        "/v1/completions",
+        {"prompt": [5, 6, 99999]},
+        400,
+        "token id 99999 at position 2, outside the model's vocabulary",
+        "prompt",
+    ),
+    ("/v1/completions", {"prompt": [[5, 6], [7, 300]]}, 400, "prompt 1 has token id 300", "prompt"),
+    ("/v1/completions", {"prompt": [[5], []]}, 400, "prompt 1 is empty", "prompt"),
+    ("/v1/completions", {"prompt": [5, -1]}, 422, "token ids are 0 or more", "prompt"),
+    ("/v1/completions", {"prompt": []}, 422, "non-empty list", "prompt"),
+    ("/v1/completions", {"prompt": ["the cat", 5]}, 422, "mixes text and token ids", "prompt"),
+    ("/v1/completions", {"prompt": [[5, 6], "the cat"]}, 422, "mixes text and token-id lists", "prompt"),
+    ("/v1/completions", {"prompt": [[5, "6"]]}, 422, "token ids are integers", "prompt"),
+    ("/v1/completions", {"prompt": [5, True]}, 422, "token ids are integers", "prompt"),
+    ("/v1/completions", {"prompt": [[[5]]]}, 422, "token ids are integers", "prompt"),
+    ("/v1/completions", {"prompt": "the cat", "logprobs": 21}, 422, "an integer 0..20", "logprobs"),
+    ("/v1/completions", {"prompt": "the cat", "logprobs": -1}, 422, "an integer 0..20", "logprobs"),
+    ("/v1/completions", {"prompt": "the cat", "logprobs": True}, 422, "an integer 0..20", "logprobs"),
+    ("/v1/completions", {"prompt": "the cat", "max_tokens": 0}, 422, "echo: true", "body"),
+    ("/v1/completions", {"prompt": "the cat", "max_tokens": -1, "echo": True}, 422, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, 422, "an integer 0..20", "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, 422, "top_logprobs needs logprobs: true", "body"),
+    ("/v1/chat/completions", {"logprobs": 3}, 422, "logprobs", "logprobs"),
+    ("/tokenize", {}, 422, "either prompt", "body"),
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422, "either prompt", "body"),
+    ("/tokenize", {"model": "nobody", "prompt": "x"}, 404, "does not exist", "model"),
+    ("/detokenize", {"tokens": [5, 99999]}, 400, "outside the model's vocabulary", "tokens"),
+    ("/detokenize", {"tokens": [-3]}, 422, "token ids are 0 or more", "tokens"),
+    ("/detokenize", {"tokens": "5 6"}, 422, "a list of token ids", "tokens"),
 ]
 
 
@@ -364,7 +370,7 @@ def test_bad_input_is_4xx_and_disturbs_nothing(served: dict[str, Any]) -> None:
 
     runner = threading.Thread(target=stream)
     runner.start()
-    for path, fields, status, words in BAD:
+    for path, fields, status, words, param in BAD:
         base = (
             {"model": "beta", "messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"model": "beta"}
         )
@@ -372,6 +378,7 @@ def test_bad_input_is_4xx_and_disturbs_nothing(served: dict[str, Any]) -> None:
         r = post(served, path, body)
         assert r.status_code == status, (path, fields, r.text)
         assert words in r.json()["error"]["message"], (path, fields, r.text)
+        assert r.json()["error"]["param"] == param, (path, fields, r.text)
     runner.join(60)
     expected = tokenizer.decode(ids + greedy_ids(served, "beta", ids, 30), skip_special_tokens=True)
     assert "".join(texts) == expected[len(tokenizer.decode(ids, skip_special_tokens=True)) :]

@@ -157,7 +157,7 @@ def create_app(
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         if body.model:
             registry.resolve(body.model)
-        check_tokens(body.tokens, scheduler.vocab_size, "tokens")
+        check_tokens(body.tokens, scheduler.vocab_size, "tokens", "tokens")
         return {"prompt": http_tokenizer.decode(body.tokens)}
 
     @app.get("/tokenizer_info")

@@ -76,7 +76,7 @@ def prompts_of(state: ServerState, body: CompletionRequest | ChatCompletionReque
     return [Prompt(state.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p), None) for p in body.prompt]
 
 
-def check_tokens(ids: list[int], vocab_size: int, what: str) -> None:
+def check_tokens(ids: list[int], vocab_size: int, what: str, param: str) -> None:
     """Every id must have an embedding row: a 400 naming the first one that has none."""
     for at, token in enumerate(ids):
         if token >= vocab_size:
@@ -84,7 +84,7 @@ def check_tokens(ids: list[int], vocab_size: int, what: str) -> None:
                 400,
                 f"{what} has token id {token} at position {at}, outside the model's vocabulary of {vocab_size} "
                 f"(ids 0..{vocab_size - 1}); tokenize with this model's tokenizer (POST /tokenize)",
-                param="prompt" if what.startswith("prompt") else "tokens",
+                param=param,
             )
 
 
@@ -93,7 +93,7 @@ def _check_prompts(prompts: list[Prompt], vocab_size: int, limit: int, asked: in
         what = "the prompt" if len(prompts) == 1 else f"prompt {i}"
         if not prompt.ids:
             raise APIError(400, f"{what} is empty: send at least one token", param="prompt")
-        check_tokens(prompt.ids, vocab_size, what)
+        check_tokens(prompt.ids, vocab_size, what, "prompt")
         if len(prompt.ids) >= limit:
             raise APIError(
                 400, f"{what} has {len(prompt.ids)} tokens; {model!r} takes at most {limit - 1}", param="prompt"
