@@ -3,8 +3,10 @@
 The request models must accept a JSON value or reject it with pydantic's ValidationError (which the app answers
 with 422), never raise anything else. Through the FastAPI app (TestClient, a tiny Llama, three adapters): random
 JSON bodies, nearly-valid requests with one field wrong, random bytes and content types, NaN/Infinity, lone
-surrogate escapes, odd names and paths for adapter loading: every answer is 2xx or 4xx, never 5xx; a 4xx carries
-a JSON error body with a message; a 2xx completion has its choices, and a stream carries no server error.
+surrogate escapes, odd names and paths for adapter loading, prompts of text or token ids (in and out of the
+vocabulary, mixed, nested, empty), echo and logprobs, /tokenize and /detokenize bodies: every answer is 2xx or
+4xx, never 5xx; a 4xx carries a JSON error body with a message; a 2xx completion has its choices (with logprobs
+lists of one length each, when asked for), and a stream carries no server error.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from prefixtune.serve import create_app
 from prefixtune.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadAdapterRequest,
+    TokenizeRequest,
     UnloadAdapterRequest,
 )
 from property_support import Tally, any_of, fuzz, json_texts, json_values, report
-from serve_fixtures import save_adapters, tiny_llama, tiny_tokenizer
+from serve_fixtures import SPECIAL, WORDS, save_adapters, tiny_llama, tiny_tokenizer
 
 MODELS = ("tiny-llama", "alpha", "beta", "gamma", "__base__")
 MAX_MODEL_LEN = 40  # every request stays cheap: prompt + completion fit in 40 tokens
 PROMPT_WORDS = "the cat sat on a big red house and the dog ran to the river"
+VOCAB = len(SPECIAL) + len(WORDS)  # the tiny model's embedding rows
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +74,20 @@ def mostly(valid: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.S
 
 words = st.lists(any_of(*PROMPT_WORDS.split(" ")), min_size=1, max_size=6).map(" ".join)
 anything = st.one_of(numbers, json_texts, json_values)
+token_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)
+# OpenAI's four prompt forms, valid: a text, texts, token ids, token-id lists
+valid_prompts = st.one_of(
+    words, st.lists(words, min_size=1, max_size=2), token_ids, st.lists(token_ids, min_size=1, max_size=2)
+)
 prompts = mostly(
-    st.one_of(words, st.lists(words, min_size=1, max_size=2)),
+    valid_prompts,
     st.one_of(
-        any_of("", " ", PROMPT_WORDS * 4, []),
+        any_of("", " ", PROMPT_WORDS * 4, [], [[]], [[[3]]], [3, "the"], [[3], "the"], [True, 3], [3.0], [-1]),
         json_texts,
         st.lists(st.one_of(any_of("the cat", "a dog"), json_texts), max_size=3),
+        st.lists(st.one_of(st.integers(-3, VOCAB + 3), any_of(2**70, -(2**70))), max_size=6),  # out of vocab too
+        st.lists(st.lists(st.integers(-1, VOCAB + 1), max_size=4), max_size=3),
+        st.lists(st.one_of(words, token_ids, st.integers(0, VOCAB)), min_size=2, max_size=3),  # mixed forms
         json_values,
     ),
 )
@@ -102,6 +115,16 @@ SAMPLING = {
     "user": json_texts,
     "logprobs": json_values,
 }
+COMPLETION_EXTRAS = {  # completion-only fields: echo and logprobs (k alternatives), max_tokens 0 with echo
+    "echo": mostly(st.booleans(), json_values),
+    "logprobs": mostly(st.one_of(st.integers(0, 5), st.none(), any_of(20, 21, -1)), anything),
+    "return_tokens_as_token_ids": mostly(st.booleans(), json_values),
+    "max_tokens": mostly(st.integers(0, 6), st.one_of(numbers, st.none())),
+}
+CHAT_EXTRAS = {
+    "logprobs": mostly(st.booleans(), anything),
+    "top_logprobs": mostly(st.one_of(st.integers(0, 5), st.none(), any_of(20, 21)), anything),
+}
 VALID_SAMPLING = {
     "max_tokens": st.integers(1, 6),
     "temperature": st.one_of(st.floats(0, 2), any_of(0, 1e-30)),
@@ -119,26 +142,42 @@ model_names = mostly(any_of(*MODELS), st.one_of(json_texts, json_values))
 def _bodies(required: dict[str, Any], optional: dict[str, Any], anyhow: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Valid bodies, valid bodies with one field made anything, and bodies of nearly anything."""
     valid = st.fixed_dictionaries(required, optional=optional)
-    keys = sorted({*required, *optional, "user", "logprobs"})
+    keys = sorted({*required, *optional, "user", "logprobs", "echo", "top_logprobs"})
     one_off = st.builds(lambda body, key, value: {**body, key: value}, valid, any_of(*keys), anything)
     return st.one_of(valid, one_off, one_off, st.fixed_dictionaries(anyhow["required"], optional=anyhow["optional"]))
 
 
 completion_bodies = _bodies(
-    {"model": any_of(*MODELS), "prompt": st.one_of(words, st.lists(words, min_size=1, max_size=2))},
-    VALID_SAMPLING,
-    {"required": {"model": model_names, "prompt": prompts}, "optional": SAMPLING},
+    {"model": any_of(*MODELS), "prompt": valid_prompts},
+    {**VALID_SAMPLING, "echo": st.booleans(), "logprobs": st.one_of(st.integers(0, 5), st.none())},
+    {"required": {"model": model_names, "prompt": prompts}, "optional": {**SAMPLING, **COMPLETION_EXTRAS}},
 )
 chat_bodies = _bodies(
     {
         "model": any_of(*MODELS),
         "messages": st.lists(st.fixed_dictionaries({"role": any_of("system", "user"), "content": words}), min_size=1),
     },
-    {**VALID_SAMPLING, "max_completion_tokens": st.integers(1, 6)},
+    {**VALID_SAMPLING, "max_completion_tokens": st.integers(1, 6), "logprobs": st.booleans()},
     {
         "required": {"model": model_names, "messages": messages},
-        "optional": {**SAMPLING, "max_completion_tokens": mostly(st.integers(1, 6), numbers)},
+        "optional": {**SAMPLING, **CHAT_EXTRAS, "max_completion_tokens": mostly(st.integers(1, 6), numbers)},
     },
+)
+TOKENIZE_OPTIONS = {
+    "model": model_names,
+    "add_special_tokens": mostly(st.booleans(), json_values),
+    "add_generation_prompt": mostly(st.booleans(), json_values),
+    "return_token_strs": mostly(st.booleans(), json_values),
+}
+tokenize_bodies = st.one_of(
+    st.fixed_dictionaries({"prompt": mostly(words, anything)}, optional=TOKENIZE_OPTIONS),
+    st.fixed_dictionaries({"messages": messages}, optional=TOKENIZE_OPTIONS),
+    st.fixed_dictionaries({}, optional={**TOKENIZE_OPTIONS, "prompt": anything, "messages": messages}),
+    json_values,
+)
+detokenize_bodies = st.one_of(
+    st.fixed_dictionaries({"tokens": mostly(token_ids, prompts)}, optional={"model": model_names}),
+    json_values,
 )
 adapter_names = st.one_of(any_of("alpha", "delta", "new-one", "a.b", "..", "__base__", "not-an-adapter"), json_texts)
 adapter_paths = st.one_of(
@@ -165,8 +204,15 @@ def _encode(body: Any) -> bytes:
 
 @fuzz(150)
 @given(
-    which=any_of(CompletionRequest, ChatCompletionRequest, LoadAdapterRequest, UnloadAdapterRequest),
-    body=st.one_of(completion_bodies, chat_bodies, load_bodies, json_values),
+    which=any_of(
+        CompletionRequest,
+        ChatCompletionRequest,
+        LoadAdapterRequest,
+        UnloadAdapterRequest,
+        TokenizeRequest,
+        DetokenizeRequest,
+    ),
+    body=st.one_of(completion_bodies, chat_bodies, load_bodies, tokenize_bodies, detokenize_bodies, json_values),
 )
 def test_request_models_validate_or_reject(tally: Tally, which: type, body: Any) -> None:
     try:
@@ -179,6 +225,16 @@ def test_request_models_validate_or_reject(tally: Tally, which: type, body: Any)
         for name in ("temperature", "top_p"):
             assert math.isfinite(getattr(parsed, name)), f"{name} must be a finite number"
         assert parsed.stop is None or (isinstance(parsed.stop, list) and len(parsed.stop) <= 4)
+    if isinstance(parsed, CompletionRequest):  # normalized: a non-empty list of texts or of token-id lists
+        assert parsed.prompt and len({type(p) for p in parsed.prompt}) == 1
+        assert all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0
+            for p in parsed.prompt
+            if isinstance(p, list)
+            for t in p
+        )
+        assert parsed.logprobs is None or 0 <= parsed.logprobs <= 20
+        assert parsed.max_tokens != 0 or parsed.echo
 
 
 # ----- through the app ----------------------------------------------------------------------------------------
@@ -197,7 +253,15 @@ def _check_answer(tally: Tally, name: str, response: Any) -> None:
         assert "server_error" not in response.text, response.text[:500]
         assert response.text.rstrip().endswith("data: [DONE]")
     elif name in ("completions", "chat completions"):
-        assert response.json()["choices"], response.text[:500]
+        choices = response.json()["choices"]
+        assert choices, response.text[:500]
+        for choice in choices:
+            logprobs = choice["logprobs"]
+            if name == "completions" and logprobs is not None:
+                lengths = {len(logprobs[k]) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+                assert len(lengths) == 1, logprobs
+            elif logprobs is not None:
+                assert all(isinstance(entry["logprob"], float) for entry in logprobs["content"]), logprobs
 
 
 def _post(client: TestClient, path: str, body: Any) -> Any:
@@ -214,6 +278,11 @@ def _post(client: TestClient, path: str, body: Any) -> Any:
 @example(body={"model": "alpha", "prompt": "the cat", "seed": 2**70})
 @example(body={"model": "alpha", "prompt": "the cat", "max_tokens": 2**70})
 @example(body={"model": "alpha", "prompt": "the cat", "stream": True, "n": 2, "max_tokens": 2})
+@example(body={"model": "beta", "prompt": [[3, 4], [5]], "echo": True, "logprobs": 5, "max_tokens": 0})
+@example(body={"model": "beta", "prompt": [3, 4], "echo": True, "logprobs": 2, "stream": True, "max_tokens": 2})
+@example(body={"model": "beta", "prompt": [3, VOCAB], "max_tokens": 1})
+@example(body={"model": "beta", "prompt": [3, 2**70], "max_tokens": 1})
+@example(body={"model": "beta", "prompt": [[3], "the"], "max_tokens": 1})
 def test_completions_never_5xx(tally: Tally, client: TestClient, body: Any) -> None:
     _check_answer(tally, "completions", _post(client, "/v1/completions", body))
 
@@ -222,6 +291,7 @@ def test_completions_never_5xx(tally: Tally, client: TestClient, body: Any) -> N
 @given(body=chat_bodies)
 @example(body={"model": "beta", "messages": [{"role": "user", "content": "hi \ud83d"}]})
 @example(body={"model": "beta", "messages": [{"role": "user", "content": "the cat"}], "max_completion_tokens": 3})
+@example(body={"model": "beta", "messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 20})
 def test_chat_completions_never_5xx(tally: Tally, client: TestClient, body: Any) -> None:
     _check_answer(tally, "chat completions", _post(client, "/v1/chat/completions", body))
 
@@ -240,6 +310,18 @@ def test_adapter_loading_never_5xx(tally: Tally, client: TestClient, load: Any, 
     _check_answer(tally, "unload_adapter", _post(client, "/v1/unload_adapter", unload))
 
 
+@fuzz(60)
+@given(tokenize=tokenize_bodies, detokenize=detokenize_bodies)
+@example(tokenize={"prompt": "the cat", "model": "beta"}, detokenize={"tokens": [3, VOCAB]})
+@example(tokenize={"messages": [{"role": "user", "content": "x"}]}, detokenize={"tokens": [2**70]})
+def test_tokenize_and_detokenize_never_5xx(tally: Tally, client: TestClient, tokenize: Any, detokenize: Any) -> None:
+    answer = _post(client, "/tokenize", tokenize)
+    _check_answer(tally, "tokenize", answer)
+    if answer.status_code == 200:
+        assert answer.json()["count"] == len(answer.json()["tokens"])
+    _check_answer(tally, "detokenize", _post(client, "/detokenize", detokenize))
+
+
 @fuzz(80)
 @given(
     path=any_of(
@@ -247,6 +329,11 @@ def test_adapter_loading_never_5xx(tally: Tally, client: TestClient, load: Any, 
         "/v1/chat/completions",
         "/v1/load_adapter",
         "/v1/unload_adapter",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
         "/v1/models",
         "/health",
         "/metrics",

@@ -19,19 +19,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import peft_format
 from ..errors import PrefixTuneError
 from ..model import PrefixModel
-from .generation import ServerState, complete
+from .generation import ServerState, check_tokens, complete, render_chat
 from .metrics import Metrics
 from .page import PLAYGROUND_HTML
 from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadAdapterRequest,
+    TokenizeRequest,
     UnloadAdapterRequest,
     error_body,
 )
 from .registry import AdapterRegistry
 from .scheduler import Scheduler
+from .tokenization import HttpTokenizer
 
 log = logging.getLogger("prefixtune.serve")
 OPEN_PATHS = ("/", "/health")  # everything else needs the API key when one is set
@@ -73,7 +76,8 @@ def create_app(
         prefix_model, scheduler, base_name, adapters_dir, max_model_len=max_model_len, force=force
     )
     registry.load_directory()
-    state = ServerState(tokenizer, lock, scheduler, registry, metrics)
+    http_tokenizer = HttpTokenizer(tokenizer, lock)  # the handlers' own copy: never the model thread's
+    state = ServerState(http_tokenizer, scheduler, registry, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,14 +129,40 @@ def create_app(
         return await complete(state, body, request)
 
     @app.post("/v1/load_adapter")
+    @app.post("/v1/load_lora_adapter")  # vLLM's name; {"lora_name", "lora_path"} are accepted on both
     async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
         info = await registry.load(body.name, body.path)
         return {"status": "loaded", "name": info.name, "path": info.path, "num_virtual_tokens": info.num_virtual_tokens}
 
     @app.post("/v1/unload_adapter")
+    @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest) -> dict[str, Any]:
         registry.unload(body.name)
         return {"status": "unloaded", "name": body.name}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        limit = registry.context_limit(registry.resolve(body.model)) if body.model else registry.max_model_len
+        if body.messages is not None:
+            text = render_chat(http_tokenizer, body.messages, body.add_generation_prompt)
+            ids = http_tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        else:
+            assert body.prompt is not None
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = http_tokenizer.encode(body.prompt, add_special_tokens=special)
+        strs = [http_tokenizer.token_text(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model:
+            registry.resolve(body.model)
+        check_tokens(body.tokens, scheduler.vocab_size, "tokens", "tokens")
+        return {"prompt": http_tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return http_tokenizer.info(registry.max_model_len)
 
     return app
 
@@ -148,7 +178,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse(error_body("the body is not valid JSON", "invalid_request_error", None, 400), 400)
         where = [".".join(str(p) for p in e.get("loc", ())[1:]) or "body" for e in errors]
-        message = "; ".join(f"{w}: {e.get('msg')}" for w, e in zip(where, errors))
+        # pydantic prefixes our validators' messages with "Value error, "; the message itself says what is wrong
+        message = "; ".join(f"{w}: {str(e.get('msg')).removeprefix('Value error, ')}" for w, e in zip(where, errors))
         return JSONResponse(error_body(message, "invalid_request_error", where[0] if where else None, 422), 422)
 
     @app.exception_handler(PrefixTuneError)
@@ -219,4 +250,9 @@ _ROUTES = {
     "/v1/chat/completions",
     "/v1/load_adapter",
     "/v1/unload_adapter",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
 }

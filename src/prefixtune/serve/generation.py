@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,10 +12,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from .metrics import LATENCY_BUCKETS, Metrics
 from .protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     completion_choice,
     envelope,
@@ -27,40 +28,91 @@ from .protocol import (
 from .registry import AdapterRegistry
 from .sampling import SamplingParams
 from .scheduler import Event, GenerationRequest, QueueFull, Scheduler
+from .tokenization import HttpTokenizer
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
 @dataclass
 class ServerState:
-    tokenizer: Any
-    tokenizer_lock: threading.Lock
+    tokenizer: HttpTokenizer  # the HTTP side's own copy: handlers never wait on the model thread for it
     scheduler: Scheduler
     registry: AdapterRegistry
     metrics: Metrics
 
 
-def render_chat(tokenizer: Any, body: ChatCompletionRequest) -> str:
-    """The tokenizer's chat template when it has one; otherwise plain `role: text` lines."""
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    if getattr(tokenizer, "chat_template", None):
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None  # as sent; None for token ids (decoded only when echoed)
+
+
+@dataclass
+class LogprobRequest:
+    """What a request asks for: k alternatives per position (None: no log-probabilities) and echo."""
+
+    k: int | None
+    echo: bool
+    as_ids: bool  # vLLM's return_tokens_as_token_ids
+
+
+def render_chat(tokenizer: HttpTokenizer, chat: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template when it has one; otherwise plain `role: text` lines (then `assistant:`)."""
+    messages = [{"role": m.role, "content": m.text()} for m in chat]
+    if tokenizer.has_chat_template:
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.chat(messages, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # templates raise on what they refuse (e.g. roles that do not alternate)
             raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return lines + "assistant:" if add_generation_prompt else lines
+
+
+def prompts_of(state: ServerState, body: CompletionRequest | ChatCompletionRequest) -> list[Prompt]:
+    """The request's prompts as token ids: texts tokenized (with the tokenizer's special tokens), ids as sent."""
+    if isinstance(body, ChatCompletionRequest):
+        text = render_chat(state.tokenizer, body.messages)
+        return [Prompt(state.tokenizer.encode(text, add_special_tokens=False), text)]
+    return [Prompt(state.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p), None) for p in body.prompt]
+
+
+def check_tokens(ids: list[int], vocab_size: int, what: str, param: str) -> None:
+    """Every id must have an embedding row: a 400 naming the first one that has none."""
+    for at, token in enumerate(ids):
+        if token >= vocab_size:
+            raise APIError(
+                400,
+                f"{what} has token id {token} at position {at}, outside the model's vocabulary of {vocab_size} "
+                f"(ids 0..{vocab_size - 1}); tokenize with this model's tokenizer (POST /tokenize)",
+                param=param,
+            )
+
+
+def _check_prompts(prompts: list[Prompt], vocab_size: int, limit: int, asked: int | None, model: str) -> None:
+    for i, prompt in enumerate(prompts):
+        what = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+        if not prompt.ids:
+            raise APIError(400, f"{what} is empty: send at least one token", param="prompt")
+        check_tokens(prompt.ids, vocab_size, what, "prompt")
+        if len(prompt.ids) >= limit:
+            raise APIError(
+                400, f"{what} has {len(prompt.ids)} tokens; {model!r} takes at most {limit - 1}", param="prompt"
+            )
+        if asked is not None and len(prompt.ids) + asked > limit:
+            raise APIError(
+                400,
+                f"{what} ({len(prompt.ids)} tokens) plus max_tokens ({asked}) exceeds the context of {model!r} "
+                f"({limit} tokens); lower max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
 
 
 async def complete(state: ServerState, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
+    """One /v1/completions or /v1/chat/completions request: validated, queued, answered as JSON or events."""
     chat = isinstance(body, ChatCompletionRequest)
     started = time.perf_counter()
     adapter = state.registry.resolve(body.model)
-    with state.tokenizer_lock:
-        if isinstance(body, ChatCompletionRequest):
-            prompts = [state.tokenizer(render_chat(state.tokenizer, body), add_special_tokens=False)["input_ids"]]
-        else:
-            texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            prompts = [state.tokenizer(text)["input_ids"] for text in texts]
+    prompts = prompts_of(state, body)
     if len(prompts) * body.n > state.scheduler.max_queue:  # could never be queued at once: retrying cannot help
         raise APIError(
             400,
@@ -72,36 +124,21 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
     asked = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         asked = body.max_completion_tokens
-    for ids in prompts:
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if max(ids) >= state.scheduler.vocab_size:  # a tokenizer with tokens the model has no embedding for
-            raise APIError(
-                400,
-                f"the prompt has token id {max(ids)}, outside the model's vocabulary of {state.scheduler.vocab_size}",
-                param="prompt",
-            )
-        if len(ids) >= limit:
-            raise APIError(
-                400, f"the prompt has {len(ids)} tokens; {body.model!r} takes at most {limit - 1}", param="prompt"
-            )
-        if asked is not None and len(ids) + asked > limit:
-            raise APIError(
-                400,
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the context of {body.model!r} "
-                f"({limit} tokens); lower max_tokens or shorten the prompt",
-                param="max_tokens",
-            )
+    _check_prompts(prompts, state.scheduler.vocab_size, limit, asked, body.model)
+    if isinstance(body, ChatCompletionRequest):
+        wants = LogprobRequest((body.top_logprobs or 0) if body.logprobs else None, False, False)
+    else:
+        wants = LogprobRequest(body.logprobs, body.echo, body.return_tokens_as_token_ids)
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     rows: list[GenerationRequest] = []
-    for i, ids in enumerate(prompts):
-        default = COMPLETION_DEFAULT_MAX_TOKENS if not chat else limit - len(ids)
+    for i, prompt in enumerate(prompts):
+        default = COMPLETION_DEFAULT_MAX_TOKENS if not chat else limit - len(prompt.ids)
         for j in range(body.n):
             index = i * body.n + j
             params = SamplingParams(
-                max_tokens=min(asked or default, limit - len(ids)),
+                max_tokens=min(asked if asked is not None else default, limit - len(prompt.ids)),
                 temperature=body.temperature,
                 top_p=body.top_p,
                 stop=list(body.stop or []),
@@ -112,7 +149,10 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
             def on_event(event: Event, index: int = index) -> None:
                 events.put_nowait((index, event))
 
-            rows.append(GenerationRequest(adapter, list(ids), params, on_event, loop, incremental=body.stream))
+            row = GenerationRequest(adapter, list(prompt.ids), params, on_event, loop, incremental=body.stream)
+            row.logprobs = wants.k
+            row.prompt_logprobs = wants.k if wants.echo else None
+            rows.append(row)
     try:
         for row in rows:
             state.scheduler.submit(row)
@@ -124,7 +164,7 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
         ) from None
     state.metrics.inc("prefixtune_adapter_requests_total", model=body.model)
 
-    reply = Reply(state, body, chat, rows, events, started)
+    reply = Reply(state, body, chat, rows, events, started, prompts, wants)
     if body.stream:
         return StreamingResponse(reply.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await reply.collect(request)
@@ -141,11 +181,15 @@ class Reply:
         rows: list[GenerationRequest],
         events: asyncio.Queue[tuple[int, Event]],
         started: float,
+        prompts: list[Prompt],
+        wants: LogprobRequest,
     ) -> None:
         self.state, self.body, self.chat, self.rows = state, body, chat, rows
-        self.events, self.started = events, started
+        self.events, self.started, self.prompts, self.wants = events, started, prompts, wants
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.completion_tokens = [0] * len(rows)
+        self.offsets = [0] * len(rows)  # text_offset reached by each choice (streaming)
+        self.echoed = [False] * len(rows)  # the prompt went out with the choice's first chunk
 
     @property
     def prompt_tokens(self) -> int:
@@ -157,8 +201,31 @@ class Reply:
     def _finished(self) -> None:
         self.state.metrics.observe("prefixtune_request_seconds", time.perf_counter() - self.started, LATENCY_BUCKETS)
 
+    def _token_text(self, token: int) -> str:
+        return f"token_id:{token}" if self.wants.as_ids else self.state.tokenizer.token_text(token)
+
+    def _echo(self, index: int) -> str:
+        """Choice `index`'s prompt as text: as sent, or token ids decoded (special tokens kept)."""
+        prompt = self.prompts[index // self.body.n]
+        return prompt.text if prompt.text is not None else self.state.tokenizer.decode(prompt.ids)
+
+    def _piece(self, index: int, text: str, entries: list[TokenLogprob]) -> tuple[str, dict[str, Any] | None]:
+        """A choice's text and logprobs object for what just came (the prompt too on its first piece, if echoed)."""
+        if self.wants.echo and not self.echoed[index]:
+            self.echoed[index] = True
+            text = self._echo(index) + text
+        if self.wants.k is None:
+            return text, None
+        if self.chat:
+            return text, chat_logprobs(entries, self.wants.k, self._token_text, self.state.tokenizer.token_bytes)
+        logprobs, self.offsets[index] = completion_logprobs(
+            entries, self.wants.k, self._token_text, self.offsets[index]
+        )
+        return text, logprobs
+
     async def collect(self, request: Request) -> Response:
         texts, reasons = [""] * len(self.rows), [None] * len(self.rows)
+        entries: list[list[TokenLogprob]] = [[] for _ in self.rows]
         pending = len(self.rows)
         try:
             while pending:
@@ -171,6 +238,7 @@ class Reply:
                 if event.error:
                     raise APIError(500, event.error, type="server_error")
                 texts[index] += event.text
+                entries[index] += (event.prompt_logprobs or []) + event.logprobs
                 self.completion_tokens[index] = event.completion_tokens
                 if event.finish_reason:
                     reasons[index] = event.finish_reason
@@ -179,7 +247,10 @@ class Reply:
             for row in self.rows:
                 row.cancel()  # a no-op for finished rows
         self._finished()
-        choices = [completion_choice(i, t, r, self.chat, chunk=False) for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = []
+        for i, (text, reason) in enumerate(zip(texts, reasons)):
+            text, logprobs = self._piece(i, text, entries[i])
+            choices.append(completion_choice(i, text, reason, self.chat, chunk=False, logprobs=logprobs))
         return JSONResponse(envelope(self.id, self.body.model, self.chat, False, choices, usage=self._usage()))
 
     async def stream(self) -> AsyncIterator[str]:
@@ -197,7 +268,8 @@ class Reply:
                     yield _sse(error_body(event.error, "server_error", None, 500))
                     return
                 self.completion_tokens[index] = event.completion_tokens
-                choice = completion_choice(index, event.text, event.finish_reason, self.chat, chunk=True)
+                text, logprobs = self._piece(index, event.text, (event.prompt_logprobs or []) + event.logprobs)
+                choice = completion_choice(index, text, event.finish_reason, self.chat, chunk=True, logprobs=logprobs)
                 yield _sse(envelope(self.id, self.body.model, self.chat, True, [choice], **extra))
                 pending -= event.finish_reason is not None
             if include_usage:

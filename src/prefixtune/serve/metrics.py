@@ -16,7 +16,7 @@ _HELP = {
     "prefixtune_queue_depth": ("gauge", "Requests waiting for a batch slot"),
     "prefixtune_running_requests": ("gauge", "Requests in the running batch"),
     "prefixtune_adapters_loaded": ("gauge", "Adapters being served"),
-    "prefixtune_batch_size": ("histogram", "Rows per forward pass, by phase (prefill, decode)"),
+    "prefixtune_batch_size": ("histogram", "Rows per forward pass, by phase (prefill, decode, score)"),
     "prefixtune_request_seconds": ("histogram", "Time from request to last token"),
 }
 

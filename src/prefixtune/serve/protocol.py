@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -81,15 +81,75 @@ class SamplingFields(BaseModel):
         return stops
 
 
-class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text]
+MAX_LOGPROBS = 20  # most alternatives listed per position (`logprobs`, `top_logprobs`), as vLLM's default
+Prompt = str | list[int]  # one prompt: a text, or token ids
 
-    @field_validator("prompt")
+
+def _token_ids(value: list[Any], where: str) -> list[int]:
+    for at, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"{where} holds {type(item).__name__} {item!r} at {at}: token ids are integers")
+        if item < 0:
+            raise ValueError(f"{where} holds token id {item} at {at}: token ids are 0 or more")
+    return value
+
+
+def _prompts(value: Any) -> list[Prompt]:
+    """OpenAI's four prompt forms (a text, a list of texts, token ids, a list of token-id lists) -> the prompts."""
+    if isinstance(value, str):
+        return [_text(value)]
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            "prompt must be a text, a non-empty list of texts, a list of token ids or a list of token-id lists"
+        )
+    kinds = {"text" if isinstance(v, str) else "token-id list" if isinstance(v, list) else "token id" for v in value}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"prompt mixes {' and '.join(sorted(kinds))}s: send texts only, token ids only, or token-id lists only"
+        )
+    if isinstance(value[0], str):
+        return [_text(v) for v in value]
+    if isinstance(value[0], list):
+        return [_token_ids(v, f"prompt {i}") for i, v in enumerate(value)]
+    return [_token_ids(value, "prompt")]
+
+
+def _top_count(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise ValueError(
+            f"{name} is the number of most likely tokens to list at each position: an integer 0..{MAX_LOGPROBS}, "
+            f"got {value!r}"
+        )
+    return value
+
+
+class CompletionRequest(SamplingFields):
+    prompt: list[Text | list[int]]  # normalized: one entry per prompt
+    max_tokens: int | None = Field(None, ge=0)  # 0: no new tokens (scoring the prompt with echo and logprobs)
+    echo: bool = False  # the prompt's text (and with logprobs, its tokens' log-probabilities) before the completion
+    logprobs: int | None = None  # the log-probability of each token and of the `logprobs` likeliest ones
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:ID", not by text
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        return value
+    def _some_prompt(cls, value: Any) -> list[Prompt]:
+        return _prompts(value)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, value: Any) -> int | None:
+        return _top_count(value, "logprobs")
+
+    @model_validator(mode="after")
+    def _zero_tokens_score(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens 0 generates nothing: it is for scoring a prompt with echo: true (and logprobs); "
+                "otherwise ask for at least 1 token"
+            )
+        return self
 
 
 class ContentPart(BaseModel):
@@ -112,6 +172,52 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False  # the log-probability of each generated token
+    top_logprobs: int | None = None  # with logprobs: also the `top_logprobs` likeliest tokens at each position
+
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_logprobs(cls, value: Any) -> int | None:
+        return _top_count(value, "top_logprobs")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a `prompt` (text) or chat `messages` (rendered with the chat template first)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Text | None = None  # optional: an adapter's context limit for max_model_len; default the base model
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for a prompt (as completions do), False for messages
+    add_generation_prompt: bool = True  # messages only
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (a text) or messages (a chat), not both or neither")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids -> text."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Text | None = None
+    tokens: list[int]
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> list[int]:
+        if not isinstance(value, list):
+            raise ValueError("tokens must be a list of token ids")
+        return _token_ids(value, "tokens")
 
 
 class LoadAdapterRequest(BaseModel):
@@ -139,15 +245,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None, chat: bool, chunk: bool) -> dict[str, Any]:
-    """One choice of a completion (chat or not), whole or as a streamed chunk."""
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, chat: bool, chunk: bool, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One choice of a completion (chat or not), whole or as a streamed chunk; `logprobs` already in its shape."""
     if not chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if chunk:
         delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     message = {"role": "assistant", "content": text}
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def envelope(

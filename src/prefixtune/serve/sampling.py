@@ -123,7 +123,20 @@ class TextStream:
         return self._emit(len(self.text) - self._held_back(self.text)), False
 
     def flush(self) -> str:
-        """Everything not yet emitted (the request is finished for another reason than a stop string)."""
+        """Everything not yet emitted (the request is finished for another reason than a stop string).
+
+        Text still held back because the last tokens end inside a character is decoded now, as it stands (the
+        unfinished character as U+FFFD), so that the whole text is what decoding the completion adds; it is cut
+        at a stop string if it completes one."""
+        if self.read_at < len(self.ids):
+            before = self.tokenizer.decode(self.ids[self.prefix_at : self.read_at], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.ids[self.prefix_at :], skip_special_tokens=True)
+            start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+            self.text += after[len(before) :]
+            self.prefix_at, self.read_at = self.read_at, len(self.ids)
+            hits = [at for s in self.stop if (at := self.text.find(s, start)) != -1]
+            if hits:
+                self.text = self.text[: max(min(hits), self.sent)]
         return self._emit(len(self.text))
 
     def _held_back(self, text: str) -> int:

@@ -2,7 +2,9 @@
 
 Between two decode steps the thread runs queued commands (adapter load/unload), drops cancelled and finished
 rows, and admits waiting requests (prefilled together and merged into the running batch). Every decode step
-is one forward pass over all running rows, whatever adapter each row uses.
+is one forward pass over all running rows, whatever adapter each row uses. A request that asks for its prompt's
+log-probabilities (`echo` + `logprobs`) is scored first in a pass of its own (`scoring.py`); one that wants at most
+one new token (lm-eval's loglikelihood requests) is finished there and never takes a batch row.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 
 from ..model import BASE, PrefixModel
 from .batch import RunningBatch
+from .logprobs import TokenLogprob, logprobs_of
 from .metrics import Metrics
 from .sampling import SamplingParams, TextStream, sample, sample_rows
+from .scoring import score_prompts
 
 log = logging.getLogger("prefixtune.serve")
 
@@ -39,6 +43,8 @@ class Event:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the new tokens since the last event
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's, in the request's first event
 
 
 @dataclass(eq=False)
@@ -49,15 +55,32 @@ class GenerationRequest:
     on_event: Callable[[Event], None]  # called on `loop`'s thread (on the model thread when loop is None)
     loop: asyncio.AbstractEventLoop | None = None
     incremental: bool = True  # text events per token (streaming); False: one event with all the text at the end
+    logprobs: int | None = None  # None: none; k: each new token's log-probability and the k likeliest tokens
+    prompt_logprobs: int | None = None  # None: none; k: the same for the prompt's tokens (echo)
     cancelled: bool = False
     completion_tokens: int = 0
     next_token: int = -1
     stream: TextStream | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)  # not yet in an event
+    prompt_entries: list[TokenLogprob] | None = field(default=None, repr=False)  # scored, not yet in an event
 
     def cancel(self) -> None:
         """Ask the model thread to drop this request (client gone); it frees the row before the next step."""
         self.cancelled = True
+
+    def event(self, text: str, finish_reason: str | None) -> Event:
+        """The next event, carrying the log-probabilities gathered since the last one."""
+        event = Event(
+            text,
+            finish_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.completion_tokens,
+            logprobs=self.pending_logprobs,
+            prompt_logprobs=self.prompt_entries,
+        )
+        self.pending_logprobs, self.prompt_entries = [], None
+        return event
 
 
 class Scheduler:
@@ -172,7 +195,7 @@ class Scheduler:
                     future.set_exception(exc)
         self._retire_unused()
         self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
-        admitted = self._admit()
+        admitted = self._score_first(self._admit())
         if admitted:
             try:
                 self._prefill(admitted)
@@ -243,10 +266,48 @@ class Scheduler:
             self._waiting = rest
             return admitted
 
+    def _start(self, request: GenerationRequest) -> None:
+        request.stream = TextStream(self.tokenizer, request.params.stop, request.prompt_ids)
+        request.generator = request.params.generator()
+
+    def _score_first(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Score the prompts of the requests that want their log-probabilities; finish those that want at most one
+        new token (the scoring pass's last logits give it); return the requests that still need a batch row."""
+        scored = [r for r in requests if r.prompt_logprobs is not None]
+        if not scored:
+            return requests
+        try:
+            results = score_prompts(
+                self.model,
+                [r.prompt_ids for r in scored],
+                [r.adapter for r in scored],
+                [r.prompt_logprobs or 0 for r in scored],
+                self.batch.pad_token_id,
+            )
+            self.metrics.observe_batch("score", len(scored))
+            here: list[tuple[GenerationRequest, torch.Tensor]] = []
+            for request, (entries, last) in zip(scored, results):
+                request.prompt_entries = entries
+                if request.params.max_tokens <= 1:
+                    here.append((request, last))
+            for request, _ in here:
+                self._start(request)
+                if request.params.max_tokens == 0:
+                    self._emit(request, request.event("", "length"))
+            one = [(r, last) for r, last in here if r.params.max_tokens == 1]
+            if one:  # each row's own faults stay with it (as in a decode step)
+                self._advance_rows([r for r, _ in one], torch.stack([last for _, last in one]))
+            self.metrics.add_tokens(prompt=sum(len(r.prompt_ids) for r, _ in here), completion=len(one))
+        except Exception as exc:  # these requests fail; the others go on to their prefill
+            log.exception("prompt scoring failed")
+            self._fail(scored, exc)
+            return [r for r in requests if r.prompt_logprobs is None]
+        done = {id(r) for r, _ in here}
+        return [r for r in requests if id(r) not in done]
+
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         for request in requests:
-            request.stream = TextStream(self.tokenizer, request.params.stop, request.prompt_ids)
-            request.generator = request.params.generator()
+            self._start(request)
         logits = self.batch.prefill([r.prompt_ids for r in requests], [r.adapter for r in requests])
         self.rows.extend(requests)
         self.metrics.observe_batch("prefill", len(requests))
@@ -261,6 +322,12 @@ class Scheduler:
 
     def _advance_all(self, requests: list[GenerationRequest], logits: torch.Tensor, first: int) -> None:
         """Each request's next token from its logits row; finished rows leave the batch."""
+        finished = [first + i for i in self._advance_rows(requests, logits)]
+        self.metrics.add_tokens(completion=len(requests))
+        self._drop(finished)
+
+    def _advance_rows(self, requests: list[GenerationRequest], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its logits row (B, V); the indices of the requests now finished."""
         tokens = logits.argmax(dim=-1).tolist()  # one call for all rows; sampled rows draw below, together
         sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0.0]
         failed: dict[int, Exception] = {}
@@ -278,6 +345,16 @@ class Scheduler:
                         tokens[i] = sample(logits[i], requests[i].params, requests[i].generator)  # type: ignore[arg-type]
                     except Exception as exc:
                         failed[i] = exc
+        wanted = [i for i, r in enumerate(requests) if r.logprobs is not None and i not in failed]
+        if wanted:
+            try:
+                ks = [requests[i].logprobs or 0 for i in wanted]
+                entries = logprobs_of(logits[wanted], [tokens[i] for i in wanted], ks)
+                for i, entry in zip(wanted, entries):
+                    requests[i].pending_logprobs.append(entry)
+            except Exception as exc:  # these rows fail; the others go on
+                log.exception("log-probabilities failed")
+                failed.update({i: exc for i in wanted})
         finished = []
         for i, (request, token) in enumerate(zip(requests, tokens)):
             try:
@@ -289,9 +366,8 @@ class Scheduler:
                 self._fail([request], exc)
                 done = True
             if done:
-                finished.append(first + i)
-        self.metrics.add_tokens(completion=len(requests))
-        self._drop(finished)
+                finished.append(i)
+        return finished
 
     def _advance(self, request: GenerationRequest, token: int) -> bool:
         """Report the row's next token; True when the request is finished."""
@@ -311,10 +387,7 @@ class Scheduler:
         if not request.incremental:
             text = request.stream.text if finish else ""
         if text or finish:
-            event = Event(
-                text, finish, prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens
-            )
-            self._emit(request, event)
+            self._emit(request, request.event(text, finish))
         return finish is not None
 
     def _drop(self, indices: list[int]) -> None:
