@@ -13,9 +13,11 @@ import transformers as tf
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import prefixtune
-from prefixtune import classify, cli, sources
+from prefixtune import cli, sources
+from prefixtune.classify import uses_head
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
+from prefixtune.eval import classify
 from prefixtune.methods.registry import load_trained
 from prefixtune.train import read_metrics, train
 from tiny import tiny
@@ -302,7 +304,7 @@ def test_minilm_alias_comes_out_of_its_wheel(bert_dir: Path, tmp_path: Path, mon
 def test_decoders_keep_classifying_by_label_words(llama_dir: Path) -> None:
     model, _ = sources.load_model(str(llama_dir), labels=["neg", "pos"])
     assert type(model).__name__ == "LlamaForCausalLM" and not classify.is_sequence_classifier(model)
-    assert classify.uses_head(tf.AutoConfig.from_pretrained(llama_dir)) is False
+    assert uses_head(tf.AutoConfig.from_pretrained(llama_dir)) is False
 
 
 @pytest.mark.slow

@@ -153,7 +153,7 @@ def _load(
 ) -> tuple[Any, Any]:
     """The model (with its adapter). Classifier adapters bring their labels: an encoder loads with one output each;
     without an adapter, `labels` (the eval data's) give an encoder its untrained head."""
-    from .classify import saved_labels
+    from .eval import saved_labels
     from .sources import load_model
 
     if adapter is not None:
@@ -172,7 +172,7 @@ def _load(
 
 def _run_eval(args: argparse.Namespace) -> int:
     from . import data
-    from .evaluate import evaluate
+    from .eval import evaluate
 
     split = args.split
     if split is None and args.data in ("e2e", "xsum", "multiemo"):
@@ -180,7 +180,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     examples = data.load_dataset(
         args.data, split=split, data_dir=args.data_dir, source_field=args.source_field, target_field=args.target_field
     )[: args.limit]
-    from . import classify
+    from .eval import classify
 
     task = args.task or (
         "classify" if args.data == "multiemo" or classify.wants_classify(args.model, args.adapter) else "generate"
@@ -245,7 +245,7 @@ def _add_generate(sub: Any) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .classify import is_sequence_classifier, predict, saved_labels
+    from .eval import is_sequence_classifier, predict, saved_labels
     from .model import BASE, load_adapter
     from .sources import load_model
 
@@ -280,7 +280,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         else:
             chosen.append(names[0] if names else BASE)
             prompts.append(line)
-    from .evaluate import generate_texts
+    from .eval import generate_texts
 
     if classifier:
         outputs, _ = predict(

@@ -219,7 +219,8 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> tuple[list[J
 
 def check_inputs(jobs: list[Job], settings: CompareSettings) -> None:
     """Model name, data and sizes, cheaply, before any process starts."""
-    from . import sources, tasks
+    from . import sources
+    from .train import tasks
 
     sources.resolve(settings.model)
     first = jobs[-1].config

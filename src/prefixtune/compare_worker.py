@@ -28,7 +28,7 @@ def _checkpoint_step(train_dir: Path) -> int:
     """The step of the run's newest checkpoint (0 without one)."""
     import torch
 
-    from . import checkpoint
+    from .train import checkpoint
 
     directory = checkpoint.checkpoint_dir(train_dir)
     state = torch.load(directory / checkpoint.STATE, weights_only=True) if directory else {}
@@ -45,10 +45,11 @@ def run_job(job_path: Path) -> dict[str, Any]:
     """Train (resuming when a checkpoint is there) and evaluate one run; writes and returns result.json."""
     import torch
 
-    from . import checkpoint, data, tasks, train
-    from .evaluate import evaluate
+    from . import data, train
+    from .eval import evaluate
     from .methods.registry import load_trained
     from .sources import load_model
+    from .train import checkpoint, tasks
 
     job = json.loads(job_path.read_text())
     cfg = TrainConfig(**job["config"])

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from . import data
 from .artifact import ADAPTER_WEIGHTS, atomic_write_bytes
 from .config import TrainConfig
-from .evaluate import evaluate
+from .eval import evaluate
 from .sources import load_model
 from .train import train
 
