@@ -51,7 +51,7 @@ def model_and_loss(spec: dict[str, Any], base: Any) -> tuple[Any, Any]:
     import peft
 
     from prefixtune.efficiency import enable_gradient_checkpointing
-    from prefixtune.loss import causal_lm_loss
+    from prefixtune.eval import causal_lm_loss
     from prefixtune.methods.registry import build_method
 
     method, p = spec["method"], spec["virtual_tokens"]

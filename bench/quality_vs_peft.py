@@ -29,8 +29,7 @@ import torch
 from prefixtune import PrefixConfig, attach, data
 from prefixtune.atomic import atomic_write_bytes
 from prefixtune.demo import DEMO_OPTIONS
-from prefixtune.evaluate import evaluate
-from prefixtune.loss import causal_lm_loss
+from prefixtune.eval import causal_lm_loss, evaluate
 from prefixtune.models import load_model
 
 BATCH, WARMUP, CLIP, SEED, P = 8, 20, 1.0, 0, 10

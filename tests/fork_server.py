@@ -32,9 +32,10 @@ def _warm(model_dir: str) -> None:
     import safetensors.torch  # noqa: F401
     import yaml  # noqa: F401
 
-    from prefixtune import checkpoint, cli, data, evaluate, train  # noqa: F401
+    from prefixtune import cli, data, eval, train  # noqa: F401
     from prefixtune.methods import registry  # noqa: F401
     from prefixtune.models import load_model
+    from prefixtune.train import checkpoint  # noqa: F401
 
     cli.build_parser()
     load_model(model_dir)  # imports the model's and the tokenizer's modules; no autograd, no threads

@@ -14,10 +14,12 @@ from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers import models as tokenizer_models
 
 import prefixtune
-from prefixtune import classify, cli, models
+from prefixtune import cli, models
 from prefixtune.config import TrainConfig
 from prefixtune.errors import PrefixTuneError
+from prefixtune.eval import classify
 from prefixtune.methods.registry import load_trained
+from prefixtune.models import uses_head
 from prefixtune.train import read_metrics, train
 from tiny import tiny
 from tiny_tokenizer import make_tokenizer
@@ -303,7 +305,7 @@ def test_minilm_alias_comes_out_of_its_wheel(bert_dir: Path, tmp_path: Path, mon
 def test_decoders_keep_classifying_by_label_words(llama_dir: Path) -> None:
     model, _ = models.load_model(str(llama_dir), labels=["neg", "pos"])
     assert type(model).__name__ == "LlamaForCausalLM" and not classify.is_sequence_classifier(model)
-    assert classify.uses_head(tf.AutoConfig.from_pretrained(llama_dir)) is False
+    assert uses_head(tf.AutoConfig.from_pretrained(llama_dir)) is False
 
 
 @pytest.mark.slow

@@ -28,9 +28,10 @@ import torch
 import yaml
 
 import prefixtune
-from prefixtune import atomic, checkpoint, cli, peft_format, train
+from prefixtune import atomic, cli, peft_format, train
 from prefixtune.errors import PrefixTuneError
 from prefixtune.methods.registry import build_method
+from prefixtune.train import checkpoint
 from tiny import tiny
 
 HERE = Path(__file__).parent
@@ -391,8 +392,8 @@ ALLOWED_WRITES = [
     ("atomic.py", "fig.savefig(buffer, "),  # into memory
     ("checkpoint.py", "save_file(tensors, tmp / TRAINABLE)"),  # into a staging directory, renamed in whole
     ("checkpoint.py", "torch.save(state, tmp / STATE)"),
-    ("train.py", 'probe.write_bytes(b"")'),  # a probe of the output directory, deleted at once
-    ("train.py", 'with open(metrics_path, "a") as f:'),  # metrics.jsonl is appended; readers skip a torn last line
+    ("run_dir.py", 'probe.write_bytes(b"")'),  # a probe of the output directory, deleted at once
+    ("run_dir.py", 'with open(metrics_path, "a") as f:'),  # metrics.jsonl is appended; readers skip a torn last line
     ("run.py", 'with open(log_path, "ab") as log:'),  # a worker's log, appended
     ("downloads.py", 'with open(directory / f".{name}.lock", "w") as handle:'),  # a lock file, never read
     ("models.py", 'open(out, "wb") as dst:'),  # into a scratch directory that is renamed in whole

@@ -5,8 +5,8 @@ import math
 import pytest
 import sacrebleu
 
-from prefixtune import metrics
 from prefixtune.errors import PrefixTuneError
+from prefixtune.eval import metrics
 
 
 def test_bleu_exact_match_is_100():

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixtune import checkpoint, cli, train
+from prefixtune import cli, train
+from prefixtune.train import checkpoint, step
 
 
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -55,7 +56,7 @@ class _InfGrad(torch.autograd.Function):
 
 def _poison(monkeypatch: pytest.MonkeyPatch, call: int, kind: str = "nan") -> None:
     """Make the `call`-th training loss (1-based; one per step here) NaN, or give it an infinite gradient."""
-    real = train.causal_lm_loss
+    real = step.summed_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -65,7 +66,7 @@ def _poison(monkeypatch: pytest.MonkeyPatch, call: int, kind: str = "nan") -> No
             return value
         return value * float("nan") if kind == "nan" else _InfGrad.apply(value)
 
-    monkeypatch.setattr(train, "causal_lm_loss", loss)
+    monkeypatch.setattr(step, "summed_loss", loss)
 
 
 def _record_checkpoints(monkeypatch: pytest.MonkeyPatch) -> dict[int, bytes]:

@@ -19,10 +19,10 @@ import prefixtune
 from prefixtune import cli, data
 from prefixtune.config import TrainConfig
 from prefixtune.efficiency import enable_gradient_checkpointing, micro_steps
-from prefixtune.loss import causal_lm_loss, row_nll
+from prefixtune.eval import causal_lm_loss, row_nll
 from prefixtune.methods.registry import build_method
-from prefixtune.mixed import TaskLoop
 from prefixtune.prefix import PrefixEncoder
+from prefixtune.train.tasks import TaskLoop
 from tiny import tiny
 from tiny_tokenizer import make_tokenizer
 

@@ -270,7 +270,7 @@ def test_config_precedence(tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "gemma3"])
 def test_target_only_logits_give_the_same_loss_and_gradients(arch: str) -> None:
     import prefixtune
-    from prefixtune.train import causal_lm_loss
+    from prefixtune.eval import causal_lm_loss
 
     pm = prefixtune.attach(tiny(arch), prefixtune.PrefixConfig(num_virtual_tokens=3, projection_dim=8))
     ids = torch.randint(3, 90, (3, 9))
@@ -296,7 +296,7 @@ def test_target_only_logits_give_the_same_loss_and_gradients(arch: str) -> None:
     [("prompt", {"num_virtual_tokens": 3}), ("lora", {}), ("adapter", {}), ("lora+prefix", {}), ("full", {})],
 )
 def test_target_only_logits_are_exact_for_every_method(method: str, options: dict) -> None:
-    from prefixtune.loss import causal_lm_loss, row_nll
+    from prefixtune.eval import causal_lm_loss, row_nll
     from prefixtune.methods.prompt import PromptConfig
     from prefixtune.methods.registry import build_method
 
@@ -324,7 +324,7 @@ def test_target_only_logits_are_exact_for_every_method(method: str, options: dic
 
 
 def test_generation_stops_after_the_first_nonblank_line() -> None:
-    from prefixtune.evaluate import _FirstLineDone
+    from prefixtune.eval.generate import _FirstLineDone
 
     tok = make_tokenizer()
     prompt = tok("name: Cat Park", add_special_tokens=False)["input_ids"]

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from . import data
 from .atomic import atomic_write_bytes
 from .config import TrainConfig
-from .evaluate import evaluate
+from .eval import evaluate
 from .models import load_model
 from .peft_format import ADAPTER_WEIGHTS
 from .train import train

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from transformers import TextStreamer
 
-from . import classify, data
+from . import data
 from .atomic import atomic_write_bytes
+from .data.classify import example_label
 from .errors import PrefixTuneError
-from .evaluate import evaluate, generate_texts
+from .eval import evaluate, generate_texts, is_sequence_classifier, predict, saved_labels, wants_classify
 from .methods.registry import detect_method, load_trained
 from .model import BASE, load_adapter
 from .models import load_model
@@ -30,7 +31,7 @@ def load_for_inference(
     (the eval data's) give an encoder its untrained head.
     """
     if adapter is not None:
-        labels = classify.saved_labels([adapter]) or labels
+        labels = saved_labels([adapter]) or labels
     base, tokenizer = load_model(model_name, labels=labels)
     if adapter is None:
         return base, tokenizer
@@ -65,13 +66,13 @@ def evaluate_on_data(
     examples = data.load_dataset(
         data_spec, split=split, data_dir=data_dir, source_field=source_field, target_field=target_field
     )[:limit]
-    wants = data_spec == "multiemo" or classify.wants_classify(model_name, adapter)
+    wants = data_spec == "multiemo" or wants_classify(model_name, adapter)
     task = task or ("classify" if wants else "generate")
-    labels = sorted({str(classify.example_label(e)) for e in examples}) if task == "classify" else None
+    labels = sorted({str(example_label(e)) for e in examples}) if task == "classify" else None
     if task == "classify" and not adapter:
         torch.manual_seed(0)  # an encoder's untrained head: the one a seed-0 training run starts from
     model, tokenizer = load_for_inference(model_name, adapter, force, labels)
-    default = "accuracy,macro_f1" if classify.is_sequence_classifier(model) else "bleu,rouge"
+    default = "accuracy,macro_f1" if is_sequence_classifier(model) else "bleu,rouge"
     names = [m.strip() for m in (metrics or default).split(",") if m.strip()]
     scores, predicted = evaluate(
         model, tokenizer, examples, metric_names=names, task=task, progress=progress, **generation
@@ -88,7 +89,7 @@ def evaluate_on_data(
 def load_with_adapters(model_name: str, adapter_specs: Sequence[str]) -> tuple[Any, Any, list[str]]:
     """The model with prefixes from `[NAME=]DIR` specs, its tokenizer, and the adapter names in order."""
     paths = [spec.partition("=")[2] or spec for spec in adapter_specs]
-    base, tokenizer = load_model(model_name, labels=classify.saved_labels(paths))  # classifier adapters' labels
+    base, tokenizer = load_model(model_name, labels=saved_labels(paths))  # classifier adapters' labels
     model: Any = base
     names: list[str] = []
     for spec in adapter_specs:
@@ -119,8 +120,8 @@ def answer_prompts(
 ) -> list[str]:
     """One output per prompt: the predicted label for a classifier, else the generated text (greedy, beam or
     sampled as `generation` says: batch_size, max_new_tokens, chat_template, num_beams, do_sample, ...)."""
-    if classify.is_sequence_classifier(model):
-        outputs, _ = classify.predict(
+    if is_sequence_classifier(model):
+        outputs, _ = predict(
             model, tokenizer, list(prompts), adapter_names=adapter_names, batch_size=generation.get("batch_size", 8)
         )
         return list(outputs)

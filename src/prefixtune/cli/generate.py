@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..classify import is_sequence_classifier, predict
 from ..errors import PrefixTuneError
+from ..eval import is_sequence_classifier, predict
 from ..inference import answer_prompts, load_with_adapters, route_lines, stream_prompt
 
 

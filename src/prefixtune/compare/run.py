@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .. import data, models, tasks
+from .. import data, models
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig, build_config
 from ..errors import PrefixTuneError
 from ..methods.registry import METHODS, make_config, option_names
+from ..train import tasks
 from . import report
 
 SETTINGS_FILE = "compare.json"

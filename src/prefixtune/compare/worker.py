@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, data, tasks, train
+from .. import data, train
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig
 from ..errors import PrefixTuneError
-from ..evaluate import evaluate
+from ..eval import evaluate
 from ..methods.registry import load_trained
 from ..models import load_model
+from ..train import checkpoint, tasks
 from .run import RESULT_FILE, UNTUNED, eval_examples
 
 

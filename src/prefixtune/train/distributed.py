@@ -3,13 +3,13 @@
 `prefixtune train` started by `torchrun --nproc-per-node N -m prefixtune train ...` or
 `accelerate launch --multi_gpu --num_processes N -m prefixtune train ...` sees WORLD_SIZE=N > 1. Then every
 process reads the same data and builds the same global batch as single-process training, takes its own slice of
-the rows (`Runtime.rows`), and DDP averages the gradients; train.py scales each process's loss so that the
+the rows (`Runtime.rows`), and DDP averages the gradients; step.py scales each process's loss so that the
 average equals the single-process gradient of the global batch. Only process 0 writes files. A checkpoint holds
 whole tensors and global step counters, so a run can be resumed by any number of processes.
 
 With accelerate's FSDP (GPUs only) the frozen base model is sharded and the trainable modules are left out of
 FSDP (`ignored_modules`): they stay whole on every process, and their gradients are averaged here. DeepSpeed is
-refused (its engine owns backward, clipping and the optimizer step, which train.py does per task). docs/scaling.md
+refused (its engine owns backward, clipping and the optimizer step, which the loop does per task). docs/scaling.md
 has the commands and configurations. Without a launcher (WORLD_SIZE unset or 1) nothing here runs.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .errors import PrefixTuneError
+from ..errors import PrefixTuneError
 
 T = TypeVar("T")
 
@@ -130,9 +130,6 @@ class Runtime:
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             return self.accelerator.prepare(model)
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model) if self.distributed else model
-
     def no_sync(self, model: nn.Module, sync: bool) -> Any:
         """Accumulate gradients locally on all but the last micro-batch of a step."""
         return nullcontext() if sync or not self.distributed else self.accelerator.no_sync(model)
@@ -166,6 +163,7 @@ def start() -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Runtime()
+    # deferred: accelerate is a slow import that only multi-process runs need
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import _fsync_dir, fsync_tree
-from .errors import PrefixTuneError
+from ..atomic import _fsync_dir, fsync_tree
+from ..errors import PrefixTuneError
 
 CHECKPOINT = "checkpoint"
 TRAINABLE = "trainable.safetensors"
@@ -24,6 +24,7 @@ STATE = "state.pt"
 
 
 def rng_state() -> dict[str, Any]:
+    """The generators a run draws from (init, data order, dropout), as a checkpoint holds them."""
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
@@ -59,6 +60,11 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
         if (candidate / TRAINABLE).is_file() and (candidate / STATE).is_file():
             return candidate
     return None
+
+
+def resume_state(run_dir: Path, model: nn.Module) -> dict[str, Any] | None:
+    """The newest checkpoint's state (its tensors restored into `model`), or None when the run saved none yet."""
+    return load_checkpoint(run_dir, model) if checkpoint_dir(run_dir) is not None else None
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:

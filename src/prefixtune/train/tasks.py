@@ -1,9 +1,9 @@
-"""Which examples a training run learns, per task, and the mixed batches that train several prefixes at once.
+"""Which examples a training run learns, per task; each task's place in the loop; the batches that mix tasks.
 
 A run is multi-task when `data` is a mapping of task name -> data set (`--data NAME=PATH` given more than once,
 or `data: {NAME: PATH, ...}` in YAML), or when the records of one .jsonl/.csv/.json file carry a `task` field.
 Each task is read, split, paired and batched exactly as a single-task run on that task's records alone would be,
-so the prefixes trained together can equal the prefixes trained one at a time (train.py keeps their gradients
+so the prefixes trained together can equal the prefixes trained one at a time (step.py keeps their gradients
 apart). Task names become adapter names and directories (`OUT/<task>/`), so they follow the adapter-name rules.
 """
 
@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import data
-from .config import TrainConfig
-from .data import builtin
-from .errors import PrefixTuneError
+from .. import data
+from ..config import TrainConfig
+from ..data import builtin
+from ..errors import PrefixTuneError
+from ..methods.registry import make_config
+from ..model import check_adapter_name
 
 # Files of the run directory that live beside OUT/<task>/: a task may not take their names.
 RESERVED = frozenset({"checkpoint", "config.yaml", "metrics.jsonl", "loss.png"})
@@ -124,8 +127,6 @@ def _split_task(cfg: TrainConfig, name: str, examples: list[data.Example]) -> Ta
 
 def check_task_name(name: str, where: str | None = None) -> str:
     """A task name is an adapter name (letters, digits, '_', '.', '-') and not the name of a run file."""
-    from .model import check_adapter_name
-
     try:
         check_adapter_name(name)
     except PrefixTuneError as e:
@@ -147,6 +148,90 @@ def fingerprint(tasks: Sequence[TaskData]) -> str:
                 digest.update(json.dumps([task.name, e.source, e.target, e.references, e.label]).encode())
             digest.update(b"\0")
     return digest.hexdigest()
+
+
+# ----- tasks in the loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskLoop:
+    """One task in the loop: its batches, schedule length, parameters and validation record."""
+
+    name: str | None  # None: the one task of a plain run
+    encoded: list[data.EncodedExample]
+    validation: list[data.Example]
+    per_epoch: int  # micro-batches per epoch
+    total_steps: int
+    params: list[nn.Parameter] = field(default_factory=list)
+    best: float | None = None
+    bad_evals: int = 0
+    stopped: bool = False
+    steps: int = 0
+    _epoch: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def trains_at(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) trains this task."""
+        return step < self.total_steps and not self.stopped
+
+    def micro_batch(self, index: int, cfg: TrainConfig, pad_id: int) -> dict[str, torch.Tensor]:
+        """Micro-batch `index` of the run (counted over epochs): epoch e's order is a function of (seed, e)."""
+        epoch = index // self.per_epoch
+        if epoch not in self._epoch:
+            self._epoch.clear()
+            self._epoch[epoch] = data.batches(
+                self.encoded,
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed * 1000 + epoch,
+                bucket_by_length=cfg.bucket_by_length,
+                pad_id=pad_id,
+            )
+        return self._epoch[epoch][index % self.per_epoch]
+
+    def record(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals, "stopped": self.stopped, "steps": self.steps}
+
+    def summary(self) -> dict[str, Any]:
+        """What a multi-task run reports of this task."""
+        return {
+            "steps": self.steps,
+            "best_val_loss": self.best,
+            "stopped_early": self.stopped,
+            "examples": len(self.encoded),
+        }
+
+    def restore(self, record: dict[str, Any]) -> None:
+        self.best, self.bad_evals, self.stopped, self.steps = (
+            record[k] for k in ("best", "bad_evals", "stopped", "steps")
+        )
+
+
+def add_task_adapters(model: Any, cfg: TrainConfig, loops: list[TaskLoop], init_rng: torch.Tensor) -> None:
+    """One adapter per task, each initialized from the RNG state its own single-task run would start from.
+
+    The method builds its first adapter ("default"); it is removed (or frozen, where the method cannot remove
+    one), so that only the tasks' adapters train.
+    """
+    if not all(hasattr(model, verb) for verb in ("add_adapter", "save_adapter")):
+        raise PrefixTuneError(
+            f"method {cfg.method!r} shares trainable weights between its adapters, so it cannot train one per task; "
+            "use --method prefix or prompt, or train one task at a time"
+        )
+    default = list(model.trainable_parameters())
+    for t in loops:
+        torch.set_rng_state(init_rng)
+        before = {id(p) for p in model.trainable_parameters()}
+        model.add_adapter(t.name, make_config(cfg.method, cfg.options))
+        t.params = [p for p in model.trainable_parameters() if id(p) not in before]
+    if hasattr(model, "delete_adapter"):
+        model.delete_adapter("default")
+    else:
+        for p in default:
+            p.requires_grad_(False)
+    if hasattr(model, "set_adapter"):
+        model.set_adapter(loops[0].name)
+    else:
+        model.active_adapter = loops[0].name
 
 
 def merge(

@@ -1,6 +1,6 @@
-"""Scores for generated text: BLEU, ROUGE, accuracy, perplexity.
+"""Scores: BLEU, ROUGE, accuracy and macro-F1 of predictions, perplexity of a summed log-likelihood.
 
-Scales: BLEU and ROUGE are 0-100 (as papers and sacrebleu report them), accuracy is a fraction 0-1,
+Scales: BLEU and ROUGE are 0-100 (as papers and sacrebleu report them), accuracy and macro-F1 are fractions 0-1,
 perplexity is exp(mean negative log-likelihood per target token).
 """
 
@@ -10,7 +10,7 @@ import math
 import string
 from collections.abc import Sequence
 
-from .errors import PrefixTuneError
+from ..errors import PrefixTuneError
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -34,7 +34,7 @@ def bleu(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -
 
     `references_list[i]` holds the references of prediction i; their number may differ between examples.
     """
-    import sacrebleu
+    import sacrebleu  # deferred: a slow import that only BLEU needs
 
     references = _check(predictions, references_list)
     # sacrebleu wants reference *streams* (stream j = the j-th reference of every example); None marks
@@ -46,7 +46,7 @@ def bleu(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -
 
 def rouge(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemming), 0-100; each example takes its best reference."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: a slow import (nltk) that only ROUGE needs
 
     references = _check(predictions, references_list)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
@@ -73,6 +73,17 @@ def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
         raise PrefixTuneError("nothing to score: no predictions")
     hits = sum(normalize_label(p) == normalize_label(gold) for p, gold in zip(predictions, labels))
     return hits / len(predictions)
+
+
+def macro_f1(predictions: Sequence[str], gold: Sequence[str]) -> float:
+    """Mean F1 over the classes that occur in the gold labels or the predictions (scikit-learn's macro average)."""
+    scores = []
+    for c in sorted(set(gold) | set(predictions)):
+        tp = sum(p == c and g == c for p, g in zip(predictions, gold))
+        fp = sum(p == c and g != c for p, g in zip(predictions, gold))
+        fn = sum(p != c and g == c for p, g in zip(predictions, gold))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def perplexity(total_nll: float, total_tokens: int) -> float:

@@ -1,0 +1,447 @@
+"""The training loop: AdamW, warmup + decay, accumulation, clipping, validation, checkpoints, resume.
+
+Reproducible: the data order of epoch e is a function of (seed, e), and a checkpoint holds the RNG state, so a
+resumed run continues exactly where the interrupted one was.
+
+`Trainer` is the run as an explicit recipe: `setup` reads the data, loads and wraps the model, builds the
+optimizer and restores a checkpoint; `train` runs the steps; `save_checkpoint` writes one. Every step is
+step.train_step, whether the run trains one task or several (tasks.py; one prefix each, each with its own
+AdamW parameter group, schedule, gradient clip, step count, validation and early stopping, and initialized from
+the RNG state of its own run) on one process or several (distributed.py; only process 0 writes). Dropout (off
+by default) draws differently in a mixed batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data
+from ..atomic import remove_stale_temp
+from ..config import TrainConfig, save_config
+from ..efficiency import enable_gradient_checkpointing
+from ..errors import PrefixTuneError
+from ..eval.likelihood import encoded_batches, summed_losses
+from ..eval.objective import objective_for, pad_token_id
+from ..methods.registry import build_method, method_spec, parameter_counts, trainable_state_dict
+from . import checkpoint, distributed, tasks
+from .classify import check_training, load_for_training
+from .optim import build_optimizer, grad_norm
+from .run_dir import METRICS, append_metrics, keep_metrics_until, plot_losses, prepare_out
+from .step import nonfinite, nonfinite_stop, train_step
+from .tasks import TaskLoop
+
+NO_GAIN = "without improvement"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; a checkpoint was saved first. The CLI exits 130."""
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained method's model (a TrainableModel)
+    out: Path
+    steps: int
+    best_val_loss: float | None
+    stopped_early: bool
+    trainable_params: int
+    total_params: int
+    train_seconds: float
+    tasks: dict[str, dict[str, Any]] | None = None  # multi-task: name -> steps, best_val_loss, stopped_early
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite (on_nonfinite=skip): no update made
+
+
+@dataclass
+class LogWindow:
+    """What the next metrics.jsonl line sums; a checkpoint holds it, so a resumed run logs the same line."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    skipped: int = 0  # steps of the window skipped for a non-finite loss or gradient
+    by_task: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def state(self) -> list[Any]:
+        return [self.loss, self.tokens, self.skipped, self.by_task]
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> TrainResult:
+    """Train `cfg.method` on `cfg.data`; the run directory ends with the trained method(s), metrics, config, plot.
+
+    Multi-task data trains one adapter per task (saved in `OUT/<task>/`); under torchrun or `accelerate launch`
+    the processes share every global batch (step.py).
+    """
+    runtime = distributed.start()
+    trainer = Trainer(cfg, runtime, resume=resume, progress=progress)
+    trainer.setup(model_and_tokenizer)
+    result = trainer.train()
+    runtime.close()
+    return result
+
+
+class Trainer:
+    """One training run on this process's `runtime` (its device; rank 0 of 1 without a launcher)."""
+
+    def __init__(self, cfg: TrainConfig, runtime: distributed.Runtime, *, resume: bool = False, progress: bool = True):
+        self.cfg, self.runtime, self.resume = cfg, runtime, resume
+        self.main = runtime.main
+        self.progress = progress and runtime.main
+        # bfloat16 autocast on the runtime's device; under a launcher, what accelerate's config asks for
+        self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+        self.step = self.micro = self.skipped = 0
+        self.elapsed = 0.0
+        self.saved_at: int | None = None  # the step of the checkpoint on disk
+        self.window = LogWindow()
+
+    # ----- setup ------------------------------------------------------------------------------------------------
+
+    def setup(self, model_and_tokenizer: tuple[Any, Any] | None = None) -> None:
+        """Read the data, load (or take) the model, build the method and optimizer, restore the checkpoint."""
+        cfg, runtime = self.cfg, self.runtime
+        spec = method_spec(cfg.method)
+        if runtime.distributed:  # before anything is read or written: every process must run the same job
+            runtime.agree("the training settings", {**cfg.to_dict(), "resume": self.resume})
+        self.out = runtime.together(lambda: prepare_out(cfg, self.resume) if self.main else Path(cfg.out))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        task_data, self.multitask = runtime.together(lambda: tasks.load_tasks(cfg))
+        if self.multitask and not spec.mixable:
+            raise PrefixTuneError(
+                f"method {cfg.method!r} cannot train several tasks in one run (a batch cannot mix its adapters); "
+                "use --method prefix or prompt, or train one task at a time"
+            )
+        if runtime.distributed:
+            runtime.agree("the training data", tasks.fingerprint(task_data))
+        if model_and_tokenizer is None:  # data errors come first: they are cheaper to find than a model load
+
+            def load() -> tuple[Any, Any]:
+                with distributed.main_first(runtime):  # process 0 fills the model cache before the others read it
+                    return load_for_training(cfg, task_data)  # classify: an encoder gets one output per label
+
+            model_and_tokenizer = runtime.together(load)
+        base, self.tokenizer = model_and_tokenizer
+        check_training(cfg, task_data, base)
+        self.objective = objective_for(base)  # what every step and validation trains and scores on
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.loops = [self._task_loop(task) for task in task_data]
+        self._build_model(base)
+        self.total_steps = max(t.total_steps for t in self.loops)
+        self.window.by_task = {t.name: 0.0 for t in self.loops if t.name is not None}
+        state = self._resume_state()
+        if state is not None:
+            self._restore(state)
+        self.metrics_path = self.out / METRICS
+        if self.main:
+            save_config(cfg, self.out / "config.yaml")
+            if self.resume:  # what a killed run logged or half-wrote after its checkpoint is logged again from there
+                keep_metrics_until(self.metrics_path, self.step)
+                remove_stale_temp(self.out)
+        self.model = runtime.prepare(self.trained, self.trained.trainable_parameters())  # wrapped: DDP, FSDP
+
+    def _task_loop(self, task: tasks.TaskData) -> TaskLoop:
+        cfg = self.cfg
+        encoded, stats = self.objective.encode(
+            task.train, self.tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template
+        )
+        _say(self.progress, f"training data{f' of task {task.name}' if task.name else ''}: {stats.describe()}")
+        per_epoch = len(data.batches(encoded, cfg.batch_size, shuffle=False, pad_id=self.pad_id))
+        steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        return TaskLoop(task.name, encoded, task.validation, per_epoch, total)
+
+    def _build_model(self, base: Any) -> None:
+        """The method on `base` (one adapter per task), its parameter counts, the optimizer and schedule."""
+        cfg = self.cfg
+        init_rng = torch.get_rng_state()
+        model = build_method(cfg.method, base, cfg.options, self.tokenizer)
+        if self.multitask:
+            tasks.add_task_adapters(model, cfg, self.loops, init_rng)  # each task's parameters
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.trainable_params, self.total_params = parameter_counts(model)
+        if not self.multitask:
+            self.loops[0].params = model.trainable_parameters()
+        self.trained = model  # the unwrapped model: saved, checkpointed, returned
+        lr = cfg.lr or self.objective.default_lr or method_spec(cfg.method).default_lr
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.loops, lr)
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        """The checkpoint's state on every process (its tensors restored into the model), None to start afresh."""
+        if not self.resume:
+            return None
+        runtime, model = self.runtime, self.trained
+        # A run killed before its first checkpoint starts again from step 0 (what it did is redone exactly).
+        state = runtime.together(lambda: checkpoint.resume_state(self.out, model) if self.main else None)
+        if runtime.distributed:  # process 0 read the checkpoint; the others get it from there (no shared disk)
+            tensors, state = runtime.broadcast((trainable_state_dict(model) if self.main else None, state))
+            if not self.main:
+                checkpoint.restore_trainable(model, tensors)
+        if state is None:
+            _say(self.progress, f"{self.out} has no checkpoint yet: starting from step 0")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step, self.micro, self.elapsed = state["step"], state["micro"], state.get("elapsed", 0.0)
+        if self.multitask:
+            for t in self.loops:
+                t.restore(state["tasks"][t.name])
+        else:
+            self.loops[0].best, self.loops[0].bad_evals = state["best"], state["bad_evals"]
+        self.saved_at = self.step
+        if "window" in state:
+            self.skipped = state["skipped"]
+            loss, tokens, skipped, by_task = state["window"]
+            self.window = LogWindow(loss, tokens, skipped, by_task)
+        _say(self.progress, f"resuming {self.out} at step {self.step}")
+
+    # ----- training ---------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Run the steps left (all of them, or those after the restored checkpoint); save the result."""
+        cfg, loops = self.cfg, self.loops
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"train {cfg.method}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        self.window.started = time.perf_counter()
+        self.model.train()
+        with _ctrl_c_at_step_boundary() as interrupted:
+            while self.step < self.total_steps:
+                active = [t for t in loops if t.trains_at(self.step)]
+                if not active:
+                    break  # every task stopped early
+                if self.runtime.any(interrupted.is_set()):
+                    self.bar.close()
+                    self.save_checkpoint()
+                    raise Interrupted(f"interrupted at step {self.step}; checkpoint saved, continue with --resume")
+                self._optimizer_step(active)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log_window()
+                evaluates = cfg.eval_every and self.step % cfg.eval_every == 0
+                due = [t for t in active if cfg.eval_every and (evaluates or self.step == t.total_steps)]
+                if due:
+                    self._validate(due)
+                    if all(t.stopped for t in loops):
+                        break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        self.bar.close()
+        for t in loops:
+            if t.best is None:
+                self._save_adapter(t)
+        self.save_checkpoint()
+        if self.main:
+            plot_losses(self.metrics_path, self.out / "loss.png")
+        return self._result()
+
+    def _optimizer_step(self, active: list[TaskLoop]) -> None:
+        """One step of the active tasks: forward and backward, clipping, then the update or (non-finite) a skip."""
+        cfg, runtime = self.cfg, self.runtime
+        started = time.perf_counter()
+        losses, tokens = train_step(
+            self.model, self.objective, active, self.micro, cfg, self.pad_id, runtime, self._autocast
+        )
+        self.micro += cfg.grad_accum
+        self.window.tokens += tokens
+        norms = {t.name: grad_norm(t.params, cfg.max_grad_norm) for t in active}  # per task
+        problem = nonfinite(losses, norms)
+        if runtime.any(problem is not None):
+            problem = problem or "a loss or gradient on another process is not finite"
+            if cfg.on_nonfinite == "stop":
+                self.bar.close()
+                raise PrefixTuneError(nonfinite_stop(self.step + 1, problem, self.out, self.saved_at))
+            self.optimizer.zero_grad(set_to_none=True)  # the step is skipped: no update, data and schedule move on
+            self.skipped += 1
+            self.window.skipped += 1
+            _say(self.main, f"step {self.step + 1}: {problem}; step skipped (on_nonfinite=skip)")  # even with --quiet
+            with warnings.catch_warnings():  # when the very first step is skipped, torch warns about the order
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+                self.scheduler.step()
+        else:
+            self.window.loss += sum(losses.values()) / len(losses)
+            if self.multitask:
+                for name, value in losses.items():
+                    self.window.by_task[name] += value  # type: ignore[index]  # several tasks: all named
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        for t in active:
+            t.steps = self.step
+        self.elapsed += time.perf_counter() - started
+        self.bar.update(1)
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
+        return self.runtime.accelerator.autocast() if self.runtime.distributed else nullcontext()
+
+    def _log_window(self) -> None:
+        """One metrics.jsonl line: the mean loss of the window's steps (skipped ones left out), lr, throughput."""
+        cfg, window = self.cfg, self.window
+        seconds = time.perf_counter() - window.started
+        steps_in_window = (self.step % cfg.log_every or cfg.log_every) - window.skipped  # steps that updated
+        record: dict[str, Any] = {"step": self.step}
+        if steps_in_window > 0:
+            record["loss"] = round(window.loss / steps_in_window, 5)
+        record |= {
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(window.tokens / seconds, 1),
+            "elapsed_s": round(self.elapsed, 2),
+        }
+        if self.skipped:
+            record["skipped_steps"] = self.skipped  # in the whole run so far
+        if self.multitask and steps_in_window > 0:
+            record["task_loss"] = {k: round(v / steps_in_window, 5) for k, v in window.by_task.items()}
+        self._log(record)
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.window = LogWindow(by_task=dict.fromkeys(window.by_task, 0.0))
+
+    def _validate(self, due: list[TaskLoop]) -> None:
+        """Score the due tasks' validation examples (batches shared out among the processes); log, keep the best
+        adapter, stop a task early after `early_stop` validations without improvement."""
+        cfg, runtime = self.cfg, self.runtime
+        items = []
+        for t in due:
+            if t.validation:  # a task of a multi-task run may have no validation examples
+                batches = encoded_batches(
+                    self.objective,
+                    t.validation,
+                    self.tokenizer,
+                    max_length=cfg.max_length,
+                    batch_size=cfg.batch_size,
+                    chat_template=cfg.chat_template,
+                )
+                items += [(t.name, b) for b in batches]
+        sums = summed_losses(
+            self.model,
+            self.objective,
+            items,
+            device=runtime.device,
+            rank=runtime.rank,
+            world=runtime.world,
+            lockstep=runtime.fsdp,  # FSDP gathers weights in every forward: each process runs as many
+        )
+        self.model.train()
+        totals = runtime.sum([x for n in sums for x in sums[n]])
+        val_losses = {n: totals[2 * i] / max(totals[2 * i + 1], 1) for i, n in enumerate(sums)}
+        for t in due:
+            if t.name not in val_losses:
+                continue
+            val_loss = val_losses[t.name]
+            task_field = {"task": t.name} if t.name is not None else {}
+            perplexity = round(math.exp(min(val_loss, 700.0)), 4)
+            self._log({"step": self.step, **task_field, "val_loss": round(val_loss, 5), "val_perplexity": perplexity})
+            if t.best is None or val_loss < t.best:
+                t.best, t.bad_evals = val_loss, 0
+                self._save_adapter(t)  # the run directory always holds the best adapter so far
+            else:
+                t.bad_evals += 1
+                if cfg.early_stop and t.bad_evals >= cfg.early_stop:
+                    t.stopped = True
+                    who = f"task {t.name}: " if t.name else ""
+                    _say(self.progress, f"{who}early stop at step {self.step}: {t.bad_evals} validations {NO_GAIN}")
+
+    # ----- what is written --------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """The run's state at this step boundary (process 0 writes it; every process records the step)."""
+        if self.main:
+            checkpoint.save_checkpoint(self.out, self.trained, self._snapshot())
+        self.saved_at = self.step
+
+    def _snapshot(self) -> dict[str, Any]:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "step": self.step,
+            "micro": self.micro,
+            "best": self.loops[0].best,
+            "bad_evals": self.loops[0].bad_evals,
+            "elapsed": self.elapsed,
+            "skipped": self.skipped,
+            "window": self.window.state(),  # the log line being summed
+        }
+        if self.multitask:
+            state["tasks"] = {t.name: t.record() for t in self.loops}
+        return state
+
+    def _save_adapter(self, task: TaskLoop) -> None:
+        if not self.main:
+            return
+        if task.name is None:
+            self.trained.save_trained(self.out)
+        else:
+            self.trained.save_adapter(self.out / task.name, name=task.name)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.main:
+            append_metrics(self.metrics_path, record)
+
+    def _result(self) -> TrainResult:
+        loops = self.loops
+        bests = [t.best for t in loops if t.best is not None]
+        best = loops[0].best if not self.multitask else (sum(bests) / len(bests) if bests else None)
+        summary = {str(t.name): t.summary() for t in loops} if self.multitask else None
+        counts = (self.trainable_params, self.total_params)
+        stopped = all(t.stopped for t in loops)
+        return TrainResult(
+            self.trained, self.out, self.step, best, stopped, *counts, self.elapsed, summary, self.skipped
+        )
+
+
+@contextmanager
+def _ctrl_c_at_step_boundary() -> Iterator[threading.Event]:
+    """The first Ctrl-C sets an event that the loop checks between steps (so the checkpoint it saves is
+    consistent: no half-applied optimizer step); a second Ctrl-C interrupts at once, saving nothing."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        print("\nprefixtune: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"prefixtune: {message}", file=sys.stderr)

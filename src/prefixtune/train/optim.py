@@ -1,0 +1,49 @@
+"""The optimizer of a run: AdamW with one parameter group per task, warmup + decay, gradient clipping per task.
+
+One group, one schedule and one clip per task: in a multi-task run one task's step never scales another's, so
+each prefix is updated as in its own run (step.py); a plain run is the one-task case.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from .tasks import TaskLoop
+
+
+def schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """The learning-rate factor of each step: linear warmup, then linear or cosine decay over `total` (or none)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def build_optimizer(
+    cfg: TrainConfig, tasks: Sequence[TaskLoop], lr: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over each task's parameters (one group per task) and the per-task schedule of its total steps."""
+    optimizer = torch.optim.AdamW([{"params": t.params} for t in tasks], lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(cfg, t.total_steps) for t in tasks])
+    return optimizer, scheduler
+
+
+def grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """The total gradient norm of `params`, clipped to `max_norm` first when clipping is on."""
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
