@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import atomic_write_bytes
 from .errors import PrefixTuneError
 
 
@@ -276,6 +277,4 @@ def _scalar(value: Any) -> Any:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from .atomic import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False).encode())

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 
+from .. import models
 from ..errors import PrefixTuneError
 from .app import create_app
 
@@ -79,12 +80,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch_size", "max_queue", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise PrefixTuneError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    try:
-        from ..models import load_model
-    except ImportError as exc:
-        raise PrefixTuneError(f"cannot load models by name in this install ({exc})") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+    model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     api_key = args.api_key or os.environ.get("PREFIXTUNE_API_KEY") or None
