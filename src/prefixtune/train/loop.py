@@ -154,10 +154,12 @@ class Trainer:
             self._restore(state)
         self.metrics_path = self.out / METRICS
         if self.main:
+            # Temporaries of a killed run go first, resumed or not: a run killed while writing its first file
+            # (config.yaml) holds no run to resume, but its half-written temporary is still there.
+            remove_stale_temp(self.out)
             save_config(cfg, self.out / "config.yaml")
             if self.resume:  # what a killed run logged or half-wrote after its checkpoint is logged again from there
                 keep_metrics_until(self.metrics_path, self.step)
-                remove_stale_temp(self.out)
         self.model = runtime.prepare(self.trained, self.trained.trainable_parameters())  # wrapped: DDP, FSDP
 
     def _task_loop(self, task: tasks.TaskData) -> TaskLoop:
