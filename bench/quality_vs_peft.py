@@ -6,7 +6,7 @@
 One training loop for both sides, so the only difference is the prefix: the same model, the same E2E training
 batches in the same order, AdamW with the same learning rate, warmup and linear decay over the longest run,
 gradient clipping at 1.0, the full-logits loss. The untuned model and every (side, step) in --eval-at are scored
-with the same `prefixtune.evaluate` (greedy, first line, BLEU with all references, ROUGE-L) on the held-out test
+with the same `prefixtune.eval` (greedy, first line, BLEU with all references, ROUGE-L) on the held-out test
 inputs. Ours: PrefixConfig(num_virtual_tokens=10, init_text=the demo's) with the default MLP reparameterization.
 PEFT: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10) and nothing else (prefix_projection=False,
 random init). The issue's targets (ours >= PEFT + 5 BLEU at equal steps, ours >= 50 BLEU) are reported, not
