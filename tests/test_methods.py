@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from peft_support import live_peft_prefix
 from prefixtune import PrefixTuneError
 from prefixtune.methods.bottleneck import BottleneckModel
 from prefixtune.methods.prompt import PromptConfig, PromptModel
@@ -197,6 +198,9 @@ def test_lora_merge_equals_unmerged(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+# PEFT's generate breaks with transformers 5.24's cache rename for its prompt tuning too (GPT-2 diverges after the
+# first token there; Llama happens to agree): the same upstream cause as its prefix-tuning, hence not strict.
+@live_peft_prefix(strict=False)
 def test_prompt_saved_by_us_loads_in_peft_and_back(arch: str, tmp_path) -> None:
     ids = batch()["input_ids"]
     ours = build_method("prompt", ARCHS[arch](), {"num_virtual_tokens": 5, "init": "random"})
