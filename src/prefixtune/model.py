@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -287,13 +287,26 @@ class PrefixModel(nn.Module):
 
     @contextmanager
     def prefix_once_per_step(self) -> Iterator[None]:
-        """Within the block (the micro-batches of one optimizer step), each adapter's prefix MLP runs once: see
-        `PrefixEncoder.once_per_step`. Its backward runs when the block ends normally."""
-        with ExitStack() as stack:
-            for encoder in self.adapters.values():
-                if encoder.costs_per_call:
-                    stack.enter_context(encoder.once_per_step())
+        """Within the block (the micro-batches of one optimizer step) each adapter's prefix MLP (and dropout) runs
+        once: on first use its kv is computed and handed to every call as one leaf tensor that collects their
+        gradients, back-propagated through the MLP once when the block ends normally. Training-loop state by design:
+        it spans the step's calls. Adapters whose kv costs nothing to recompute (direct, no dropout) are left alone."""
+        sharing = [
+            encoder
+            for encoder in self.adapters.values()
+            if encoder.config.reparameterize or (encoder.training and encoder.config.dropout > 0)
+        ]
+        for encoder in sharing:
+            encoder.step_kv = []
+        try:
             yield
+            pending = [encoder.step_kv for encoder in sharing]
+        finally:
+            for encoder in sharing:
+                encoder.step_kv = None
+        for step in pending:
+            if step and step[1].grad is not None and step[0].requires_grad:
+                torch.autograd.backward(step[0], step[1].grad)
 
     def prefix_batch(self, adapter_names: Sequence[str] | None, rows: int) -> PrefixBatch:
         """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,)."""

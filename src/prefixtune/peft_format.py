@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from .atomic import atomic_save_tensors, atomic_write_bytes
 from .errors import PrefixTuneError
-from .prefix import LOCATIONS, PrefixConfig, from_peft_embeddings, to_peft_embeddings
+from .prefix import LOCATIONS, PrefixConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,6 +32,18 @@ PEFT_KEY = "prompt_embeddings"
 PART_KEY = "prefixtune.{}"  # encoder-decoder: one (P, L_loc*2*H_kv*D) tensor per location, ours
 HEAD_KEY = "base_model."  # + module name + parameter name: how PEFT saves modules_to_save (a classifier head)
 FORMAT_VERSION = 1
+
+
+def to_peft_embeddings(kv: Tensor) -> Tensor:
+    """(L, 2, H, P, D) -> PEFT's `prompt_embeddings` (P, L*2*H*D)."""
+    num_layers, two, heads, p, dim = kv.shape
+    return kv.permute(3, 0, 1, 2, 4).reshape(p, num_layers * two * heads * dim).contiguous()
+
+
+def from_peft_embeddings(emb: Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    """PEFT's `prompt_embeddings` (P, L*2*H*D) -> (L, 2, H, P, D)."""
+    p = emb.shape[0]
+    return emb.view(p, num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
 
 
 def model_name(model: nn.Module) -> str:

@@ -12,8 +12,7 @@ get them again), so nothing about a call lives on the model: deep copies and con
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
@@ -87,20 +86,24 @@ class PrefixConfig:
             raise PrefixTuneError(f"init_text must be text, got {self.init_text!r}")
         if self.init_text is not None and self.init == "vocab":
             self.init = "text"
-        if not _is_int(self.num_virtual_tokens) or self.num_virtual_tokens < 0:
-            raise PrefixTuneError(f"num_virtual_tokens must be an integer >= 0, got {self.num_virtual_tokens!r}")
-        if not _is_int(self.projection_dim) or self.projection_dim < 1:
-            raise PrefixTuneError(f"projection_dim must be an integer >= 1, got {self.projection_dim!r}")
-        if not isinstance(self.reparameterize, bool):
-            raise PrefixTuneError(f"reparameterize must be true or false, got {self.reparameterize!r}")
-        if self.init not in ("random", "vocab", "text"):
-            raise PrefixTuneError(f"init must be 'random', 'vocab' or 'text', got {self.init!r}")
+        p, k = self.num_virtual_tokens, self.projection_dim
+        checks = [
+            (_is_int(p) and p >= 0, "num_virtual_tokens must be an integer >= 0"),
+            (_is_int(k) and k >= 1, "projection_dim must be an integer >= 1"),
+            (isinstance(self.reparameterize, bool), "reparameterize must be true or false"),
+            (self.init in ("random", "vocab", "text"), "init must be 'random', 'vocab' or 'text'"),
+            (self.position_convention in ("peft", "zero"), "position_convention must be 'peft' or 'zero'"),
+            (
+                isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1,
+                "dropout must be a number in [0, 1)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                field_name = message.split()[0]
+                raise PrefixTuneError(f"{message}, got {getattr(self, field_name)!r}")
         if self.init == "text" and not self.init_text:
             raise PrefixTuneError("init='text' needs init_text, e.g. init_text='table-to-text:'")
-        if self.position_convention not in ("peft", "zero"):
-            raise PrefixTuneError(f"position_convention must be 'peft' or 'zero', got {self.position_convention!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise PrefixTuneError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,15 +147,15 @@ class PrefixEncoder(nn.Module):
             nn.init.zeros_(self.mlp[2].bias)
         else:
             self.kv = nn.Parameter(init_kv.detach().clone())
-        self._step: list[Tensor] | None = None  # inside once_per_step(): [] or [kv, its leaf copy]
+        self.step_kv: list[Tensor] | None = None  # inside PrefixModel.prefix_once_per_step(): [] or [kv, leaf copy]
 
     def forward(self) -> Tensor:
-        if self._step is None:
+        if self.step_kv is None:
             return self._compute()
-        if not self._step:
+        if not self.step_kv:  # the first call of an optimizer step: its kv, and the leaf every micro-batch uses
             kv = self._compute()
-            self._step += [kv, kv.detach().requires_grad_(kv.requires_grad)]
-        return self._step[1]
+            self.step_kv += [kv, kv.detach().requires_grad_(kv.requires_grad)]
+        return self.step_kv[1]
 
     def _compute(self) -> Tensor:
         if not self.config.reparameterize:
@@ -161,25 +164,6 @@ class PrefixEncoder(nn.Module):
         delta = self.mlp(self.embedding)  # (P, L*2*H*D)
         delta = delta.view(p, num_layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D)
         return self.dropout(self.init_kv + delta)
-
-    @property
-    def costs_per_call(self) -> bool:
-        """Whether computing kv does work worth sharing between micro-batches (the MLP, or dropout in training)."""
-        return self.config.reparameterize or (self.training and self.config.dropout > 0)
-
-    @contextmanager
-    def once_per_step(self) -> Iterator[None]:
-        """The micro-batches of one optimizer step share one kv: computed on first use, handed to every call as one
-        leaf tensor that collects their gradients, back-propagated through the MLP once when the block ends normally
-        (with dropout, one mask per step). This is training-loop state by design: it spans the step's calls."""
-        self._step = []
-        try:
-            yield
-            pending = self._step
-        finally:
-            self._step = None
-        if pending and pending[1].grad is not None and pending[0].requires_grad:
-            torch.autograd.backward(pending[0], pending[1].grad)
 
     @torch.no_grad()
     def collapsed(self) -> Tensor:
@@ -190,18 +174,6 @@ class PrefixEncoder(nn.Module):
             return self._compute().detach().clone()
         finally:
             self.train(was_training)
-
-
-def to_peft_embeddings(kv: Tensor) -> Tensor:
-    """(L, 2, H, P, D) -> PEFT's `prompt_embeddings` (P, L*2*H*D)."""
-    num_layers, two, heads, p, dim = kv.shape
-    return kv.permute(3, 0, 1, 2, 4).reshape(p, num_layers * two * heads * dim).contiguous()
-
-
-def from_peft_embeddings(emb: Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> Tensor:
-    """PEFT's `prompt_embeddings` (P, L*2*H*D) -> (L, 2, H, P, D)."""
-    p = emb.shape[0]
-    return emb.view(p, num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
 
 
 @dataclass(eq=False)
