@@ -71,7 +71,12 @@ class Conversation:
 
 def parse_messages(record: dict[str, Any], where: str) -> Conversation:
     """`{"messages": [...]}`: must hold an assistant turn and end with one; every assistant turn trains."""
-    messages = check_messages(record.get("messages"), "messages", where)
+    if "messages" not in record:
+        raise PrefixTuneError(
+            f"{where}: no 'messages' field (fields: {', '.join(record) or 'none'}); the file's first record has "
+            "one, and every record must take the same form"
+        )
+    messages = check_messages(record["messages"], "messages", where)
     if not any(m["role"] == "assistant" for m in messages):
         raise PrefixTuneError(f"{where}: 'messages' has no assistant turn; there is nothing to learn or score")
     if messages[-1]["role"] != "assistant":
