@@ -324,6 +324,10 @@ def _read_hf(
     if not parsed.streaming:
         limit = None  # read whole (memory-mapped), so that references group as for a file; take=N still cuts
     limit = min(parsed.take, limit) if parsed.take and limit else parsed.take or limit
+    if parsed.split is not None and limit is None:  # an absolute slice's end is a limit too
+        _, start, stop = hf.parse_split(parsed.split, spec)
+        if stop is not None and not stop.endswith("%") and int(stop) >= 0:
+            limit = max(int(stop) - int(start or 0), 0) if not (start or "").endswith("%") else None
     if parsed.streaming and limit is None:
         raise PrefixTuneError(
             f"{spec}: streaming reads records one by one and needs to know how many: add take=N to the spec "
