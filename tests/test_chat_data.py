@@ -355,3 +355,15 @@ def test_chat_and_chat_formatted_completions_stop_at_the_end_of_turn(chat_server
     assert raw["choices"][0]["finish_reason"] == "length" and raw["usage"]["completion_tokens"] == 3
     formatted = client.post("/v1/completions", json={**body, "prompt_format": "adapter"}).json()
     assert formatted["choices"][0]["finish_reason"] == "stop" and formatted["usage"]["completion_tokens"] == 1
+
+
+def test_an_adapter_with_a_format_this_version_cannot_apply_is_not_loaded(chat_server, tmp_path):
+    client, _ = chat_server
+    adapters = Path(client.app.state.serve.registry.adapters_dir)
+    wrapped = PrefixModel(tiny("llama-gqa"))
+    wrapped.add_adapter("odd", PrefixConfig(num_virtual_tokens=2, init="random", reparameterize=False))
+    wrapped.save_adapter(adapters / "odd", "odd")
+    peft_format.write_prompt_format(adapters / "odd", {"type": "alpaca"})
+    reply = client.post("/v1/load_adapter", json={"name": "odd"})
+    assert reply.status_code == 400 and "'alpaca'" in reply.json()["error"]["message"]
+    assert "odd" not in {m["id"] for m in client.get("/v1/models").json()["data"]}

@@ -10,6 +10,7 @@ import datasets
 import pytest
 
 from prefixtune import cli, data
+from prefixtune.config import parse_data
 from prefixtune.errors import PrefixTuneError
 
 
@@ -146,3 +147,9 @@ def test_chat_records_come_through_hf(tmp_path):
     [example] = data.load_dataset(f"hf:json?data_files={path}", split="train")
     assert example.messages == talk[:1] and example.target == "hello"
     assert example.where == "hf:json[train] row 0"
+
+
+def test_an_hf_spec_is_one_data_set_whatever_its_options_hold():
+    spec = "hf:json?data_files=a.jsonl&split=train[:10%]"
+    assert parse_data(spec) == spec and parse_data([spec]) == spec
+    assert parse_data([f"chat={spec}", "other=b.jsonl"]) == {"chat": spec, "other": "b.jsonl"}
