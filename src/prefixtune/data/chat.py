@@ -161,14 +161,15 @@ def prompt_ids(tokenizer: Any, context: list[dict[str, str]], where: str) -> lis
 
 
 def conversation_ids(
-    tokenizer: Any, messages: list[dict[str, str]], loss_from: int, where: str
+    tokenizer: Any, messages: list[dict[str, str]], loss_from: int, where: str, end_of_turn: int | None = None
 ) -> tuple[list[int], list[int], int]:
     """(input ids, labels, prompt length) of a whole conversation; labels are -100 outside trained answers.
 
     The prompt length is where the final answer starts. Raises our error if the template is not prefix-stable.
+    `end_of_turn`: the template's end-of-turn id when the caller has it (found here otherwise).
     """
     require_chat_template(tokenizer, where)
-    eot = end_of_turn_id(tokenizer, where)
+    eot = end_of_turn if end_of_turn is not None else end_of_turn_id(tokenizer, where)
     text = _render(tokenizer, messages, False, where)
     ids = _ids(tokenizer, text)
     labels = [IGNORE_INDEX] * len(ids)

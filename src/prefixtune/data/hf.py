@@ -153,7 +153,7 @@ class HfSource:
             stream = iter(part.skip(first) if first else part)
         else:
             end = size if limit is None else min(size, first + limit)
-            stream = (part[i] for i in range(first, max(end, first)))
+            stream = iter(part.select(range(first, max(end, first))) if (first, end) != (0, size) else part)
         try:
             for i, row in enumerate(islice(stream, limit)):
                 yield f"{label}[{expression}] row {first + i}", dict(row)

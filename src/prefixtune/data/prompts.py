@@ -246,6 +246,9 @@ def _encode_mixed(
             setattr(stats, name, getattr(plain_stats, name))
         stats.longest = plain_stats.longest
     cut = EncodeStats()
+    first = examples[conversations[0]]
+    chat.require_chat_template(tokenizer, first.where or f"example {conversations[0]}")
+    end_of_turn = chat.end_of_turn_id(tokenizer, first.where or f"example {conversations[0]}")  # once per call
     for i in conversations:
         example = examples[i]
         if example.target is None:
@@ -253,7 +256,7 @@ def _encode_mixed(
         assert example.messages is not None
         messages = [*example.messages, {"role": "assistant", "content": example.target}]
         ids, labels, prompt_length = chat.conversation_ids(
-            tokenizer, messages, example.loss_from, example.where or f"example {i}"
+            tokenizer, messages, example.loss_from, example.where or f"example {i}", end_of_turn
         )
         stats.longest = max(stats.longest, len(ids))
         if len(ids) > max_length:
