@@ -50,6 +50,8 @@ def rates_tried(run: dict[str, Any], swept: list[dict[str, Any]], key: str) -> s
     """`1e-3: 40.1, 3e-3: 45.2*, ...`: the validation score of each rate at the size this row's rate came from."""
     size = run.get("train_size")
     mine = [r for r in swept if r["method"] == run["method"]]
+    if not mine or run.get("lr") is None:
+        return "-"  # the untuned model
     sizes = {r.get("train_size") for r in mine}
     if size not in sizes:  # a size between the swept ones: the nearest swept size whose winner it reuses
         won = [r for r in mine if r.get("lr") == run.get("lr")]
@@ -116,6 +118,8 @@ def describe(settings: dict[str, Any]) -> str:
             "the winner (best validation score, then lowest validation loss) trained every seed, and only winners "
             "were scored on the test split (other sizes reuse the winner of the nearest swept size)."
         )
+        if settings.get("select_split", "validation") in (settings.get("eval_split"), "all"):
+            parts.append("Rates were chosen on the scored inputs themselves: the winners' scores are optimistic.")
     if settings.get("bootstrap"):
         parts.append(
             f"Intervals: percentile bootstrap of the mean over seeds, {settings['bootstrap']} resamples of the test "

@@ -190,7 +190,8 @@ def check_inputs(the_plan: Plan) -> int:
     splits = [settings.eval_split] + ([settings.select_split] if settings.sweep else [])
     for split in dict.fromkeys(splits):
         if not eval_examples(first, split, settings.eval_limit):
-            raise PrefixTuneError(f"{settings.data}: split {split!r} has no examples to evaluate")
+            hint = "; choose another --select-split, or --no-sweep" if split != settings.eval_split else ""
+            raise PrefixTuneError(f"{settings.data}: split {split!r} has no examples to evaluate{hint}")
     return available
 
 
