@@ -224,3 +224,11 @@ def test_the_cli_refuses_a_one_rate_sweep_before_anything_is_written(model_dir, 
     assert cli.main([*args, "--lrs", "prefix=1e-3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "at least 2 rates" in err and "--no-sweep" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_the_untuned_row_of_a_swept_report_shows_no_rate(swept) -> None:
+    _, raw, _ = swept
+    untuned = {**raw["runs"][0], "method": "untuned", "lr": None, "steps": 0, "trainable_params": 0}
+    header, rows = report.main_table([untuned, *raw["runs"]], raw["intervals"], raw["sweep"])
+    column = header.index("validation bleu per rate tried (* won)")
+    assert rows[0][0] == "untuned" and rows[0][column] == "-" and rows[1][column].endswith("*")
