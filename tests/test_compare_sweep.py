@@ -100,6 +100,13 @@ def test_seeds_are_distinct_runs_and_the_report_gives_their_mean_and_sd(swept) -
     cell = rows[0][header.index("test loss")]
     assert cell == f"{statistics.mean(losses):.2f} ± {statistics.stdev(losses):.2f}" and rows[0][2] == "2"
     assert f"| {cell} |" in (out / "report.md").read_text()
+    (row,) = raw["summary"]
+    assert row["seeds"] == [0, 1] and row["lr"] == HIGH
+    assert row["scores"]["loss"] == {
+        "mean": round(statistics.mean(losses), 4),
+        "sd": round(statistics.stdev(losses), 4),
+    }
+    assert row["interval_95"]["metric"] == "bleu" and row["interval_95"]["low"] <= row["interval_95"]["high"]
 
 
 def test_the_interval_is_the_bootstrap_of_the_runs_statistics(swept) -> None:

@@ -26,7 +26,7 @@ def add_arguments(sub: Any) -> None:
         description="Each method (and each train size and seed) trains in its own process with the same steps and "
         "batch. Every method first tries the same learning-rate sweep around its own default (x1/3, x1, x3; "
         "docs/methods.md) on the first seed, scored on the validation split; the winning rate trains every seed "
-        "and only it is scored on the test split. The report gives mean ± sd over seeds and a bootstrap 95%% "
+        "and only it is scored on the test split. The report gives mean ± sd over seeds and a bootstrap 95% "
         "interval over test inputs. "
         "Repeating the command resumes: finished runs are reused, an interrupted one continues from its "
         "checkpoint. Method options go to one method as METHOD.OPTION=VALUE (prefix.num_virtual_tokens=10, "

@@ -10,6 +10,7 @@ drawn; the spread over seeds (mean ± sd) says how much it depends on the seed.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from ..eval import metrics
@@ -39,6 +40,35 @@ def group_intervals(runs: list[dict[str, Any]], key: str, settings: dict[str, An
         scale = 100.0 if key == "accuracy" else 1.0
         found[name] = [round(scale * v, 4) for v in (point, low, high)]
     return found
+
+
+def summary(runs: list[dict[str, Any]], key: str, intervals: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """results.json's `summary`: per (method, train size) the rate, the seeds, mean and sd of each test score over
+    seeds (sd null with one seed), and the bootstrap interval of the quality `key`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(group_name(run), []).append(run)
+    rows = []
+    for name, group in groups.items():
+        names = ("accuracy",) if key == "accuracy" else ("bleu", "rougeL", "loss")
+        scores: dict[str, dict[str, float | None]] = {}
+        for metric in names:
+            values = [r["scores"][metric] for r in group if r["scores"].get(metric) is not None]
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else None
+                scores[metric] = {"mean": round(statistics.mean(values), 4), "sd": None if sd is None else round(sd, 4)}
+        found = intervals.get(name)
+        rows.append(
+            {
+                "method": group[0]["method"],
+                "train_size": group[0].get("train_size"),
+                "lr": group[0].get("lr"),
+                "seeds": [r.get("seed") for r in group],
+                "scores": scores,
+                "interval_95": None if found is None else {"metric": key, "low": found[1], "high": found[2]},
+            }
+        )
+    return rows
 
 
 def _select_value(record: dict[str, Any], key: str) -> float | None:

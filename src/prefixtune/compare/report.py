@@ -206,6 +206,7 @@ def write_report(
         "files": names,
         "runs": runs,
         "intervals": intervals,
+        "summary": ci.summary(runs, key, intervals),
         "sweep": [{k: v for k, v in r.items() if k not in ("example_stats", "losses")} for r in swept],
         "chosen_lr": ci.chosen_rates(runs, swept),
     }
