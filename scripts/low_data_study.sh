@@ -49,8 +49,16 @@ echo "  $PY ${large[*]}" >&2
 if [ -n "${DRY_RUN:-}" ]; then
     exit 0
 fi
+if [ ! -x "$PY" ]; then
+    echo "low_data_study: no $PY; run bash scripts/setup.sh first (or set PYTHON=...)" >&2
+    exit 2
+fi
 
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PREFIXTUNE_DATA_DIR=${PREFIXTUNE_DATA_DIR:-../shared/data}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# Use the workplace's copy of the data when it is there; otherwise prefixtune fetches it from the registry.
+if [ -z "${PREFIXTUNE_DATA_DIR:-}" ] && [ -f ../shared/data/e2e_nlg.json ]; then
+    export PREFIXTUNE_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
 mkdir -p "$OUT"
 start=$(date +%s)
 "$PY" "${small[@]}" >"$OUT/small.log" 2>&1 &
