@@ -139,11 +139,16 @@ def describe(settings: dict[str, Any]) -> str:
     if settings.get("sweep"):
         factors = ", ".join(f"x{f:.3g}" for f in settings.get("lr_factors", []))
         own = settings.get("lr_lists") or {}
-        lists = "".join(f"; {m}: {', '.join(f'{r:g}' for r in rates)}" for m, rates in own.items())
+        tried = [f"{m} tried {', '.join(f'{r:g}' for r in rates)}" for m, rates in own.items()]
+        others = [m for m in settings["methods"] if m not in own]
+        if others:
+            tried.insert(
+                0, f"{', '.join(others)} tried {'its' if len(others) == 1 else 'each its'} centre rate {factors}"
+            )
         sizes = settings.get("sweep_sizes")
         where = "every train size" if sizes is None else f"train sizes {', '.join(str(s or 'all') for s in sizes)}"
         parts.append(
-            f"Learning rates: every method tried its centre rate {factors}{lists}, on the first seed only "
+            f"Learning rates: {'; '.join(tried)}; on the first seed only "
             f"({settings['seeds'][0]}) at {where}, scored on split `{settings.get('select_split', 'validation')}`; "
             "the winner (best validation score, then lowest validation loss) trained every seed, and only winners "
             "were scored on the test split (other sizes reuse the winner of the nearest swept size)."
