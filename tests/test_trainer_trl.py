@@ -75,9 +75,8 @@ def trainer(cls, model, tokenizer, out, steps: int, *, save_steps: int | None = 
         **options,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    return cls(
-        model=model, args=args, train_dataset=dataset(tokenizer), data_collator=collator, processing_class=tokenizer
-    )
+    data = dataset(tokenizer)
+    return cls(model, args, collator, data, processing_class=tokenizer, callbacks=callbacks)
 
 
 def losses(run) -> list[float]:
@@ -263,6 +262,7 @@ def sft(model, tokenizer, out, steps: int, **options):
         seed=0,
         shuffle_dataset=False,
         disable_tqdm=True,
+        bf16=False,  # TRL's default autocasts the forward to bf16; float32 keeps the comparisons exact
         **options,
     )
     return PrefixSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
@@ -321,9 +321,9 @@ def test_adapters_follow_the_model_mode(tokenizer, tmp_path):
     prefixtune.load_adapter(model, str(tmp_path / "late"), name="loaded")
     assert not model.adapters["loaded"].training
     model.train()
-    prefixtune.attach(model, noisy, name="training")
-    assert model.adapters["training"].training
-    out = [model(**batch(tokenizer), adapter_names=["training"] * len(TEXTS)).logits for _ in range(2)]
+    prefixtune.attach(model, noisy, name="trainmode")
+    assert model.adapters["trainmode"].training
+    out = [model(**batch(tokenizer), adapter_names=["trainmode"] * len(TEXTS)).logits for _ in range(2)]
     assert not torch.allclose(out[0], out[1])  # dropout on: the test above could tell
     # a wrapper starts in its base model's mode (from_pretrained models are in eval mode)
     assert not prefixtune.attach(base_model(tokenizer).eval(), noisy).adapters["default"].training
