@@ -54,7 +54,7 @@ def main() -> None:
         per_device_train_batch_size=4 if args.tiny else 8,
         learning_rate=1e-2 if args.tiny else 3e-3,
         warmup_steps=0 if args.tiny else 20,
-        logging_steps=5,
+        logging_steps=1 if args.tiny else 10,
         save_steps=10 if args.tiny else 100,
         save_total_limit=2,
         gradient_checkpointing=args.gradient_checkpointing,

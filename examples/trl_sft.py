@@ -51,7 +51,7 @@ def main() -> None:
         max_steps=args.max_steps or (30 if args.tiny else 200),
         per_device_train_batch_size=4 if args.tiny else 8,
         learning_rate=1e-2 if args.tiny else 3e-3,
-        logging_steps=5,
+        logging_steps=1 if args.tiny else 10,
         save_steps=10 if args.tiny else 100,
         save_total_limit=2,
         max_length=128,

@@ -339,3 +339,27 @@ def test_generate_loads_adapters_in_eval_mode(model_dir, tmp_path):
     ids = tok(["name: Blue Spice"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("script", ["trainer.py", "trl_sft.py"])
+def test_examples_run_tiny(script, tmp_path):
+    """The examples' --tiny mode runs offline and leaves an adapter-only final directory."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.path.join(root, "src"), "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        os.path.join(root, "examples", script),
+        "--tiny",
+        "--max-steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loss " in done.stdout
+    files = set(os.listdir(tmp_path / "final"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
