@@ -154,6 +154,10 @@ class TransformersModelMixin:
     def generation_config(self) -> Any:
         return getattr(self.base_model, "generation_config", None)
 
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:  # Seq2SeqTrainer sets one from its arguments
+        self.base_model.generation_config = value
+
     @property
     def accepts_loss_kwargs(self) -> bool:
         """Whether the base model's forward takes `num_items_in_batch` (Trainer asks, to scale the loss right)."""
