@@ -140,6 +140,7 @@ def load_with_adapters(model_name: str, adapter_specs: Sequence[str]) -> tuple[A
         name, sep, path = spec.partition("=")
         model = load_adapter(model, path, name=name) if sep else load_adapter(model, spec)
         names.append(model.adapter_names[-1])
+    model.eval()  # generate/serve never train: no dropout, on the base model or any prefix
     return model, tokenizer, names
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from . import peft_format
 from .errors import PrefixTuneError
 from .heads import RowRouter, copy_head, rows_of_call
+from .hf_model import TransformersModelMixin
 from .layers import (
     ROLES,
     probe_attention_layers,
@@ -38,6 +39,9 @@ from .locations import describe_layers, resolve, saved_parts
 from .prefix import BATCH_KWARG, RECORD_KWARG, PrefixBatch, PrefixConfig, PrefixEncoder, offset_positions
 
 BASE = "__base__"  # in adapter_names: this row uses no prefix (PEFT's convention)
+# forward's named inputs, in its order: the columns Trainer keeps
+COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "inputs_embeds")
+COLUMNS += ("decoder_input_ids", "decoder_attention_mask")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -50,8 +54,11 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-class PrefixModel(nn.Module):
-    """A base model plus named prefixes. Build it with `prefixtune.attach` or `prefixtune.load_adapter`."""
+class PrefixModel(TransformersModelMixin, nn.Module):
+    """A base model plus named prefixes. Build it with `prefixtune.attach` or `prefixtune.load_adapter`.
+
+    It starts in the base model's train/eval mode; adapters added follow the model's mode. What Trainer, TRL and
+    PEFT-style code call (save_pretrained, from_pretrained, gradient checkpointing...) comes from hf_model.py."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__()
@@ -78,13 +85,9 @@ class PrefixModel(nn.Module):
             # generate() refuses model kwargs that its forward's signature does not name, and ours travel in
             # **kwargs. A partial (not a closure) so that deepcopy and pickling rebind it to the copied model.
             model._validate_model_kwargs = partial(_validate_model_kwargs, model)
+        self.training = model.training  # from_pretrained models start in eval mode; adapters follow (add_adapter)
 
     # ----- adapters -----------------------------------------------------------------------------------------
-
-    @property
-    def config(self) -> Any:
-        """The base model's transformers config."""
-        return self.base_model.config
 
     @property
     def adapter_names(self) -> list[str]:
@@ -112,13 +115,13 @@ class PrefixModel(nn.Module):
         device = next(self.base_model.parameters()).device
         head = encoder.config.head
         if head is not None:
-            self.heads[name] = copy_head(self.base_model, head, head_state).to(device)
+            self.heads[name] = copy_head(self.base_model, head, head_state).to(device).train(self.training)
             if head not in self._head_hooks:
                 module = self.base_model.get_submodule(head)
                 hook = RowRouter(self.heads, self.adapters, head)
                 self._head_hooks[head] = module.register_forward_hook(hook, with_kwargs=True)
             self._labels[name] = labels or _model_labels(self.base_model)
-        self.adapters[name] = encoder.to(device)
+        self.adapters[name] = encoder.to(device).train(self.training)  # dropout off after model.eval()
         if self.active_adapter is None:
             self.active_adapter = name
         return self
@@ -248,11 +251,28 @@ class PrefixModel(nn.Module):
 
     # ----- calls --------------------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """The base model's forward (same arguments, same output) with each row's prefix applied.
 
         adapter_names: one adapter name per batch row ("__base__" = no prefix); default: the active adapter.
+        The named inputs are the columns Trainer keeps (it reads this signature); those given go on to the base
+        model as keywords, everything else as it came.
         """
+        given = (input_ids, attention_mask, labels, position_ids, token_type_ids, inputs_embeds, decoder_input_ids)
+        kwargs |= {k: v for k, v in zip(COLUMNS, (*given, decoder_attention_mask)) if v is not None}
         rows = _batch_rows(args, kwargs)
         batch = self.prefix_batch(adapter_names, rows)
         with self._heads_routed(adapter_names, rows):
