@@ -42,15 +42,19 @@ BASE = "__base__"  # in adapter_names: this row uses no prefix (PEFT's conventio
 # forward's named inputs, in its order: the columns Trainer keeps
 COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "inputs_embeds")
 COLUMNS += ("decoder_input_ids", "decoder_attention_mask")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_MODULE_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))  # adapters live in a ModuleDict: these names are taken
 
 
 def check_adapter_name(name: str) -> str:
-    """Adapter names are also directory and HTTP names: letters, digits, '_', '.', '-' only."""
-    if not isinstance(name, str) or not _NAME.match(name) or name == BASE or ".." in name:
+    """Adapter names are also directory, HTTP and module names: letters, digits, '_', '-' only (torch refuses '.' in
+    a module name), and not the name of an attribute every module has (`training`, `forward`, `cuda`...)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == BASE:
         raise PrefixTuneError(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '-', starting with a letter or digit"
         )
+    if name in _MODULE_ATTRIBUTES:
+        raise PrefixTuneError(f"invalid adapter name {name!r}: a torch module attribute has that name; pick another")
     return name
 
 

@@ -128,7 +128,7 @@ def _split_task(cfg: TrainConfig, name: str, examples: list[data.Example]) -> Ta
 
 
 def check_task_name(name: str, where: str | None = None) -> str:
-    """A task name is an adapter name (letters, digits, '_', '.', '-') and not the name of a run file."""
+    """A task name is an adapter name (letters, digits, '_', '-') and not the name of a run file."""
     try:
         check_adapter_name(name)
     except PrefixTuneError as e:
