@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..inference import evaluate_on_data
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -37,9 +38,11 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--target-field", help="record field holding the target")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="also write each prediction with its references")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another model with same shapes")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    where = placement(args)  # checked before anything loads
     result = evaluate_on_data(
         args.model,
         args.adapter,
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chat_template=args.chat_template,
         num_beams=args.num_beams,
+        placement=where,
     )
     print(json.dumps(result))
     return 0

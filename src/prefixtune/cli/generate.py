@@ -11,6 +11,7 @@ import torch
 from ..errors import PrefixTuneError
 from ..eval import is_sequence_classifier, predict
 from ..inference import answer_prompts, load_with_adapters, route_lines, stream_prompt
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -35,12 +36,13 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch for files")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--raw", action="store_true", help="use prompts as they are (no 'Output:' format)")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.input_file is None:
         args.input_file = "-"
-    model, tokenizer, names = load_with_adapters(args.model, args.adapter)
+    model, tokenizer, names = load_with_adapters(args.model, args.adapter, placement(args))
     torch.manual_seed(args.seed)
     if args.prompt is not None and is_sequence_classifier(model):  # an encoder classifier prints the label
         print(predict(model, tokenizer, [args.prompt])[0][0])
