@@ -132,7 +132,8 @@ def parse_data(raw: Any) -> str | dict[str, str]:
 
     Accepts a string, a mapping (YAML), or a list of CLI values: `PATH` alone, or `NAME=PATH` items (repeated
     `--data` flags, or comma-separated in one `data=a=x.jsonl,b=y.jsonl` override). A string that names an
-    existing file is always a path, even with '=' in it. Task names are checked when the data is read.
+    existing file is always a path, even with '=' in it, and so is an `hf:` spec (its options hold '=': hf:json?
+    data_files=x.jsonl). Task names are checked when the data is read.
     """
     if isinstance(raw, dict):
         tasks = {str(k): v for k, v in raw.items()}
@@ -143,7 +144,7 @@ def parse_data(raw: Any) -> str | dict[str, str]:
                 raise PrefixTuneError(f"data: task {name!r} needs a data set (a path or a built-in name), got {spec!r}")
         return tasks
     if isinstance(raw, str):
-        if "=" in raw and not _exists(raw):
+        if "=" in raw and not _exists(raw) and not raw.startswith("hf:"):
             items = raw.split(",") if all("=" in piece for piece in raw.split(",")) else [raw]
         else:
             items = [raw]
@@ -151,7 +152,7 @@ def parse_data(raw: Any) -> str | dict[str, str]:
         items = list(raw)
     else:
         raise PrefixTuneError(f"data must be a data set or a mapping of task name -> data set, got {raw!r}")
-    pairs = [item.partition("=") if not _exists(item) else ("", "", item) for item in items]
+    pairs = [item.partition("=") if not (_exists(item) or item.startswith("hf:")) else ("", "", item) for item in items]
     if len(items) == 1 and not pairs[0][1]:
         return items[0]
     tasks: dict[str, str] = {}

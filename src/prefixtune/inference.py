@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import TextStreamer
 
-from . import data
+from . import data, peft_format
 from .atomic import atomic_write_bytes
 from .data.classify import example_label
 from .devices import Placement, input_device, resolve_placement
@@ -61,18 +61,27 @@ def evaluate_on_data(
     source_field: str | None = None,
     target_field: str | None = None,
     progress: bool = False,
+    prompt_format: str | None = None,
     placement: Placement | None = None,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score a model (with `adapter`, or untuned) on a data set; the result is what `prefixtune eval` prints.
 
     `generation`: max_length, max_new_tokens, batch_size, chat_template, num_beams (as `evaluate.evaluate`).
+    The prompt format is `prompt_format` ("plain" or "chat_template") or `chat_template=True` when given, else the
+    one the adapter was trained with (its prefixtune.prompt_format), else plain. Chat records always use the chat
+    template.
     """
     placement = placement or resolve_placement(None, None)
     if split is None and data_spec in BUILTIN_TEST_SPLIT:
         split = "test"
+    explicit = prompt_format or (data.CHAT_TEMPLATE if generation.pop("chat_template", False) else None)
+    chosen = choose_format(explicit, saved_format(adapter) if adapter else None)
+    if chosen.raw:
+        raise PrefixTuneError("eval scores prompts in a trained format: use --prompt-format plain or chat_template")
+    generation["chat_template"] = chosen.chat_template
     examples = data.load_dataset(
-        data_spec, split=split, data_dir=data_dir, source_field=source_field, target_field=target_field
+        data_spec, split=split, data_dir=data_dir, source_field=source_field, target_field=target_field, limit=limit
     )[:limit]
     wants = data_spec == "multiemo" or wants_classify(model_name, adapter)
     task = task or ("classify" if wants else "generate")
@@ -91,7 +100,42 @@ def evaluate_on_data(
             for e, p in zip(examples, predicted)
         ]
         atomic_write_bytes(predictions_path, ("\n".join(lines) + "\n").encode())
-    return {"model": model_name, "adapter": adapter, "data": data_spec, "split": split, **scores}
+    shown = data.CHAT_TEMPLATE if any(e.messages is not None for e in examples) else chosen.type
+    return {
+        "model": model_name,
+        "adapter": adapter,
+        "data": data_spec,
+        "split": split,
+        "prompt_format": shown,
+        **scores,
+    }
+
+
+def saved_format(adapter_dir: str) -> data.PromptFormat | None:
+    """The prompt format an adapter was trained with, or None (saved before the field existed, or by PEFT)."""
+    try:
+        saved = peft_format.read_prompt_format(adapter_dir)
+    except PrefixTuneError:  # no readable adapter_config.json: the method's loader reports what is wrong
+        return None
+    return None if saved is None else data.PromptFormat.from_saved(saved, adapter_dir)
+
+
+def choose_format(explicit: str | None, saved: data.PromptFormat | None) -> data.PromptFormat:
+    """An explicit choice wins, then the adapter's own format, then plain (what adapters without one used)."""
+    if explicit is not None:
+        return data.PromptFormat(explicit)
+    return saved or data.PromptFormat(data.PLAIN)
+
+
+def adapter_formats(
+    adapter_specs: Sequence[str], names: Sequence[str], explicit: str | None
+) -> dict[str, data.PromptFormat]:
+    """The prompt format of each loaded adapter (by name) and of the base model's rows (BASE)."""
+    formats = {BASE: choose_format(explicit, None)}
+    for spec, name in zip(adapter_specs, names):
+        path = spec.partition("=")[2] if "=" in spec else spec
+        formats[name] = choose_format(explicit, saved_format(path))
+    return formats
 
 
 def load_with_adapters(
@@ -139,16 +183,40 @@ def route_lines(lines: Sequence[str], names: Sequence[str]) -> tuple[list[str], 
 
 
 def answer_prompts(
-    model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: Sequence[str] | None, **generation: Any
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    adapter_names: Sequence[str] | None,
+    formats: Sequence[data.PromptFormat] | None = None,
+    **generation: Any,
 ) -> list[str]:
     """One output per prompt: the predicted label for a classifier, else the generated text (greedy, beam or
-    sampled as `generation` says: batch_size, max_new_tokens, chat_template, num_beams, do_sample, ...)."""
+    sampled as `generation` says: batch_size, max_new_tokens, chat_template, num_beams, do_sample, ...).
+    `formats` (one per prompt) overrides `chat_template`: prompts of each format are generated together."""
     if is_sequence_classifier(model):
         outputs, _ = predict(
             model, tokenizer, list(prompts), adapter_names=adapter_names, batch_size=generation.get("batch_size", 8)
         )
         return list(outputs)
-    return generate_texts(model, tokenizer, list(prompts), adapter_names=adapter_names, first_line=False, **generation)
+    if formats is None:
+        return generate_texts(
+            model, tokenizer, list(prompts), adapter_names=adapter_names, first_line=False, **generation
+        )
+    outputs = [""] * len(prompts)
+    for chosen in dict.fromkeys(formats):
+        rows = [i for i, f in enumerate(formats) if f == chosen]
+        generation.update(chat_template=chosen.chat_template, raw=chosen.raw)
+        texts = generate_texts(
+            model,
+            tokenizer,
+            [prompts[i] for i in rows],
+            adapter_names=[adapter_names[i] for i in rows] if adapter_names is not None else None,
+            first_line=False,
+            **generation,
+        )
+        for i, text in zip(rows, texts):
+            outputs[i] = text
+    return outputs
 
 
 def stream_prompt(
@@ -177,7 +245,7 @@ def stream_prompt(
         num_beams=num_beams,
         do_sample=sample,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=data.stop_ids(tokenizer, chat_template),  # under the chat template: its end of turn too
     )
     if num_beams == 1:  # transformers streams greedy and sampled decoding only
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -114,7 +114,11 @@ def most_likely_labels(
     batch_size: int = 8,
 ) -> list[str]:
     """For each example, the label whose word (plus EOS) the model finds most likely after the prompt."""
-    candidates = [data.Example(e.source, label) for e in examples for label in labels]
+    candidates = [  # a conversation's candidates score the final answer only
+        data.Example(e.source, label, messages=e.messages, loss_from=len(e.messages or ()), where=e.where)
+        for e in examples
+        for label in labels
+    ]
     encoded, _ = data.encode(candidates, tokenizer, max_length=max_length, chat_template=chat_template)
     if not encoded:
         return []

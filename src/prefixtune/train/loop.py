@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import data
+from .. import data, peft_format
 from ..atomic import remove_stale_temp
 from ..config import TrainConfig, save_config
 from ..devices import input_device
 from ..efficiency import enable_gradient_checkpointing
 from ..errors import PrefixTuneError
 from ..eval.likelihood import encoded_batches, summed_losses
-from ..eval.objective import objective_for, pad_token_id
+from ..eval.objective import ClassHead, objective_for, pad_token_id
 from ..methods.registry import build_method, method_spec, parameter_counts, trainable_state_dict
 from . import checkpoint, distributed, tasks
 from .classify import check_training, load_for_training
@@ -155,6 +155,7 @@ class Trainer:
             runtime.local_device = input_device(base)
         check_training(cfg, task_data, base)
         self.objective = objective_for(base)  # what every step and validation trains and scores on
+        self.prompt_format = data.trained_format(cfg.chat_template, [e for t in task_data for e in t.train])
         self.pad_id = pad_token_id(self.tokenizer)
         self.loops = [self._task_loop(task) for task in task_data]
         self._build_model(base)
@@ -417,6 +418,9 @@ class Trainer:
             self.trained.save_trained(self.out)
         else:
             self.trained.save_adapter(self.out / task.name, name=task.name)
+        if not isinstance(self.objective, ClassHead):  # saved so that generate/eval/serve build the same prompts
+            where = self.out if task.name is None else self.out / task.name
+            peft_format.write_prompt_format(where, self.prompt_format.to_dict(self.tokenizer))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.main:
