@@ -65,6 +65,17 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU (float32 weights)"})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "cpu, cuda, cuda:N, mps or auto (device_map='auto'); default: cuda if available, else cpu"},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "base weights: float32 or bfloat16 (default: bfloat16 on a GPU that has it, else float32); "
+            "trainable weights stay float32"
+        },
+    )
     target_only_logits: bool = field(
         default=True, metadata={"help": "run the LM head only where the loss is taken (same loss, less work)"}
     )

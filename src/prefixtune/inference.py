@@ -13,6 +13,7 @@ from transformers import TextStreamer
 from . import data, peft_format
 from .atomic import atomic_write_bytes
 from .data.classify import example_label
+from .devices import Placement, input_device, resolve_placement
 from .errors import PrefixTuneError
 from .eval import evaluate, generate_texts, is_sequence_classifier, predict, saved_labels, wants_classify
 from .methods.registry import detect_method, load_trained
@@ -23,16 +24,21 @@ BUILTIN_TEST_SPLIT = ("e2e", "xsum", "multiemo")  # built-in sets are scored on 
 
 
 def load_for_inference(
-    model_name: str, adapter: str | None, force: bool = False, labels: list[str] | None = None
+    model_name: str,
+    adapter: str | None,
+    force: bool = False,
+    labels: list[str] | None = None,
+    placement: Placement | None = None,
 ) -> tuple[Any, Any]:
     """The model with its trained method (any method's directory; none for the untuned model), and its tokenizer.
 
     Classifier adapters bring their labels: an encoder loads with one output each; without an adapter, `labels`
-    (the eval data's) give an encoder its untrained head.
+    (the eval data's) give an encoder its untrained head. The base loads on the placement's device and in its
+    dtype (default: `resolve_placement(None, None)`); a trained method's own weights keep their float32.
     """
     if adapter is not None:
         labels = saved_labels([adapter]) or labels
-    base, tokenizer = load_model(model_name, labels=labels)
+    base, tokenizer = _load_base(model_name, labels, placement)
     if adapter is None:
         return base, tokenizer
     if force and detect_method(adapter) == "prefix":
@@ -56,6 +62,7 @@ def evaluate_on_data(
     target_field: str | None = None,
     progress: bool = False,
     prompt_format: str | None = None,
+    placement: Placement | None = None,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score a model (with `adapter`, or untuned) on a data set; the result is what `prefixtune eval` prints.
@@ -65,6 +72,7 @@ def evaluate_on_data(
     one the adapter was trained with (its prefixtune.prompt_format), else plain. Chat records always use the chat
     template.
     """
+    placement = placement or resolve_placement(None, None)
     if split is None and data_spec in BUILTIN_TEST_SPLIT:
         split = "test"
     explicit = prompt_format or (data.CHAT_TEMPLATE if generation.pop("chat_template", False) else None)
@@ -80,7 +88,7 @@ def evaluate_on_data(
     labels = sorted({str(example_label(e)) for e in examples}) if task == "classify" else None
     if task == "classify" and not adapter:
         torch.manual_seed(0)  # an encoder's untrained head: the one a seed-0 training run starts from
-    model, tokenizer = load_for_inference(model_name, adapter, force, labels)
+    model, tokenizer = load_for_inference(model_name, adapter, force, labels, placement)
     default = "accuracy,macro_f1" if is_sequence_classifier(model) else "bleu,rouge"
     names = [m.strip() for m in (metrics or default).split(",") if m.strip()]
     scores, predicted = evaluate(
@@ -130,10 +138,12 @@ def adapter_formats(
     return formats
 
 
-def load_with_adapters(model_name: str, adapter_specs: Sequence[str]) -> tuple[Any, Any, list[str]]:
+def load_with_adapters(
+    model_name: str, adapter_specs: Sequence[str], placement: Placement | None = None
+) -> tuple[Any, Any, list[str]]:
     """The model with prefixes from `[NAME=]DIR` specs, its tokenizer, and the adapter names in order."""
     paths = [spec.partition("=")[2] or spec for spec in adapter_specs]
-    base, tokenizer = load_model(model_name, labels=saved_labels(paths))  # classifier adapters' labels
+    base, tokenizer = _load_base(model_name, saved_labels(paths), placement)  # classifier adapters' labels
     model: Any = base
     names: list[str] = []
     for spec in adapter_specs:
@@ -142,6 +152,19 @@ def load_with_adapters(model_name: str, adapter_specs: Sequence[str]) -> tuple[A
         names.append(model.adapter_names[-1])
     model.eval()  # generate/serve never train: no dropout, on the base model or any prefix
     return model, tokenizer, names
+
+
+def _load_base(model_name: str, labels: list[str] | None, placement: Placement | None) -> tuple[Any, Any]:
+    """The base model for eval/generate on its placement; encoder-decoders are refused (decoder-only prompts)."""
+    placement = placement or resolve_placement(None, None)
+    return load_model(
+        model_name,
+        labels=labels,
+        dtype=placement.dtype,
+        device=placement.device,
+        device_map=placement.device_map,
+        allow_seq2seq=False,
+    )
 
 
 def route_lines(lines: Sequence[str], names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -215,6 +238,7 @@ def stream_prompt(
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     else:
         ids = torch.tensor(data.encode_prompts([prompt], tokenizer, chat_template=chat_template)[0])
+    ids = ids.to(input_device(model))
     kwargs: dict[str, Any] = dict(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

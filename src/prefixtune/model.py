@@ -29,6 +29,8 @@ from .heads import RowRouter, copy_head, rows_of_call
 from .hf_model import TransformersModelMixin
 from .layers import (
     ROLES,
+    layer_places,
+    place_per_layer,
     probe_attention_layers,
     record_key_values,
     release_layers,
@@ -333,7 +335,11 @@ class PrefixModel(TransformersModelMixin, nn.Module):
                 torch.autograd.backward(step[0], step[1].grad)
 
     def prefix_batch(self, adapter_names: Sequence[str] | None, rows: int) -> PrefixBatch:
-        """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,)."""
+        """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,).
+
+        Built once per call in the attention layers' dtype and on their device; when the layers sit on several
+        devices (device_map="auto") or differ in dtype, keys, values and visibility are `layers.PerLayer` lists,
+        each layer's slice on that layer's own device and in its dtype."""
         if adapter_names is None:
             adapter_names = [self.active_adapter or BASE] * rows
         if isinstance(adapter_names, str):
@@ -350,13 +356,17 @@ class PrefixModel(TransformersModelMixin, nn.Module):
         lengths = {n: kv.shape[3] for n, kv in kvs.items()}
         layers = {n: lay.layers_of(self.adapters[n].config.locations or ROLES) for n in used}
         width = max(lengths.values(), default=0)
-        device = next(self.base_model.parameters()).device
-        full = torch.zeros(lay.num_layers, 2, lay.num_kv_heads, width, lay.head_dim, device=device)
+        device = next(self.base_model.parameters()).device  # where the adapters live and the batch is assembled
+        places = layer_places(lay)  # each attention layer's own (device, dtype)
+        # Cast once here, in the model's dtype (the float32 parameters still get their gradients through it), so
+        # that no attention call has to cast; under device_map="auto" each layer's slice goes to its device below.
+        dtype = places[0][1]
+        full = torch.zeros(lay.num_layers, 2, lay.num_kv_heads, width, lay.head_dim, device=device, dtype=dtype)
         columns = torch.arange(width, device=device)
         # One padded bank entry per used adapter (+ an empty one for BASE), then one gather for all rows.
         bank, seen = [], []
         for n in used:
-            kv = nn.functional.pad(kvs[n], (0, 0, 0, width - lengths[n]))
+            kv = nn.functional.pad(kvs[n].to(dtype), (0, 0, 0, width - lengths[n]))
             at = torch.zeros(lay.num_layers, dtype=torch.bool, device=device)
             at[layers[n]] = True
             bank.append(kv if len(layers[n]) == lay.num_layers else full.index_copy(0, _index(layers[n], device), kv))
@@ -366,6 +376,10 @@ class PrefixModel(TransformersModelMixin, nn.Module):
         slot = {n: i for i, n in enumerate(used)} | {BASE: len(used)}
         index = torch.tensor([slot[n] for n in names], device=device)
         stacked = torch.stack(bank)[index]  # (B, L, 2, H, P_max, D)
+        keys, values = stacked[:, :, 0].transpose(0, 1), stacked[:, :, 1].transpose(0, 1)  # (L, B, H, P_max, D)
+        visible = torch.stack(seen)[index].transpose(0, 1)  # (L, B, P_max)
+        if any(place != (device, dtype) for place in places):  # layers on several devices (or in several dtypes)
+            keys, values, visible = place_per_layer(places, keys, values, visible)
         row_len = torch.tensor([lengths.get(n, 0) for n in names], device=device)
         peft_rows = torch.tensor(
             [n != BASE and self.adapters[n].config.position_convention == "peft" for n in names], device=device
@@ -373,9 +387,9 @@ class PrefixModel(TransformersModelMixin, nn.Module):
         covered = frozenset(i for n in used for i in layers[n])
         every_layer = [len(layers[n]) == lay.num_layers for n in used]
         return PrefixBatch(
-            keys=stacked[:, :, 0].transpose(0, 1),
-            values=stacked[:, :, 1].transpose(0, 1),
-            visible=torch.stack(seen)[index].transpose(0, 1),  # (L, B, P_max)
+            keys=keys,  # type: ignore[arg-type]  # a PerLayer indexes and repeats like the stacked tensor
+            values=values,  # type: ignore[arg-type]
+            visible=visible,  # type: ignore[arg-type]
             offsets=torch.where(peft_rows, row_len, torch.zeros_like(row_len)),
             layers=None if len(covered) == lay.num_layers else covered,
             # Plain Python facts (no tensor reads): every row has a full-width prefix on every layer, or at least

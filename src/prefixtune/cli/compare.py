@@ -17,6 +17,7 @@ from ..compare import (
     run_compare,
 )
 from ..errors import PrefixTuneError
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -71,11 +72,13 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam width when scoring (1 = greedy)")
     p.add_argument("--untuned", action="store_true", help="also score the model without training")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_device_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="shared settings and METHOD.OPTION=VALUE")
 
 
 def run(args: argparse.Namespace) -> int:
-
+    placement(args)  # checked before the comparison directory is written; each run resolves it again
+    placed = [f"{flag}={getattr(args, flag)}" for flag in ("device", "dtype") if getattr(args, flag) is not None]
     for flag in ("max_steps", "batch_size", "eval_limit", "max_new_tokens", "num_beams", "lr"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         untuned=args.untuned,
-        overrides=list(args.overrides),
+        overrides=[*args.overrides, *placed],
         sweep=not args.no_sweep,
         lr_lists=parse_rate_lists(args.lrs, methods),
         sweep_sizes=parse_sizes(args.sweep_sizes) if args.sweep_sizes else None,

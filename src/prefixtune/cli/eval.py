@@ -9,6 +9,7 @@ from typing import Any
 
 from ..data import CHAT_TEMPLATE, PLAIN
 from ..inference import evaluate_on_data
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -43,9 +44,11 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--target-field", help="record field holding the target")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="also write each prediction with its references")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another model with same shapes")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    where = placement(args)  # checked before anything loads
     result = evaluate_on_data(
         args.model,
         args.adapter,
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         prompt_format=args.prompt_format,
         num_beams=args.num_beams,
+        placement=where,
     )
     print(json.dumps(result))
     return 0

@@ -13,6 +13,7 @@ from ..errors import PrefixTuneError
 from ..eval import is_sequence_classifier, predict
 from ..inference import adapter_formats, answer_prompts, load_with_adapters, route_lines, stream_prompt
 from ..model import BASE
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -43,13 +44,14 @@ def add_arguments(sub: Any) -> None:
         help="plain ('PROMPT\\nOutput:'), chat_template or raw (default: each adapter's saved format, else plain; "
         "--chat-template and --raw are short for the last two)",
     )
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.input_file is None:
         args.input_file = "-"
     explicit = _explicit_format(args)
-    model, tokenizer, names = load_with_adapters(args.model, args.adapter)
+    model, tokenizer, names = load_with_adapters(args.model, args.adapter, placement(args))
     formats = adapter_formats(args.adapter, names, explicit)
     torch.manual_seed(args.seed)
     if args.prompt is not None and is_sequence_classifier(model):  # an encoder classifier prints the label

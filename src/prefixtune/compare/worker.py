@@ -27,12 +27,25 @@ import torch
 from .. import data, train
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig
+from ..devices import resolve_placement
 from ..errors import PrefixTuneError
 from ..eval import evaluate, metrics
 from ..methods.registry import load_trained
 from ..models import load_model
 from ..train import checkpoint, tasks
+from ..train.distributed import Runtime
+from ..train.placement import training_placement
 from .run import EVAL_DATA_FIELDS, RESULT_FILE, TEST_RESULT_FILE, UNTUNED, eval_examples
+
+
+def _load_placed(cfg: TrainConfig, trains: bool) -> tuple[Any, Any]:
+    """The base model on the run's --device in the dtype its training loads (or, untuned, the one it scores in)."""
+    if trains:
+        where, dtype, _ = training_placement(cfg, Runtime(), loading=True)
+    else:
+        where = resolve_placement(cfg.device, cfg.dtype)
+        dtype = where.dtype
+    return load_model(cfg.model, dtype=dtype, device=where.device, device_map=where.device_map, allow_seq2seq=False)
 
 
 def _checkpoint_step(train_dir: Path) -> int:
@@ -89,7 +102,7 @@ def score(model: Any, tokenizer: Any, cfg: TrainConfig, job: dict[str, Any], run
 def score_trained(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Score a finished run's trained method on the test split; writes and returns test_result.json."""
     cfg = TrainConfig(**job["config"])
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = _load_placed(cfg, trains=True)
     model = load_trained(base, Path(cfg.out), job["method"])
     started = time.perf_counter()
     scores, stats = score(model, tokenizer, cfg, job, run_dir)
@@ -110,7 +123,7 @@ def run_job(job_path: Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if job.get("stage") == "test":
         return score_trained(job, run_dir)
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = _load_placed(cfg, trains=method is not None)
     base_params = sum(p.numel() for p in base.parameters())
     with torch.no_grad():  # weights may be mmapped and paged in lazily: touch them so the baseline below holds them
         for p in base.parameters():
@@ -153,7 +166,7 @@ def run_job(job_path: Path) -> dict[str, Any]:
         model = result.model
         if cfg.eval_every:  # the run directory holds the best model seen in validation: score that one
             del model, result, base
-            fresh, tokenizer = load_model(cfg.model)
+            fresh, tokenizer = _load_placed(cfg, trains=True)
             model = load_trained(fresh, train_dir, method)
     started = time.perf_counter()
     record[job["eval"].get("scores_key", "scores")], record["example_stats"] = score(

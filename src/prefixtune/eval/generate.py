@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import data
+from ..devices import input_device
 from .objective import pad_token_id
 
 
@@ -53,7 +54,9 @@ def generate_texts(
     model.eval()
     pad_id = pad_token_id(tokenizer)
     groups = data.prompt_batches(prompts, batch_size, pad_id=pad_id)
+    device = input_device(model)  # the model's (its first layers' under device_map="auto")
     for indices, batch in tqdm(groups, desc="generate", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
         kwargs: dict[str, Any] = dict(
             batch,
             max_new_tokens=max_new_tokens,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import data
+from ..devices import input_device
 from .objective import NEXT_TOKEN, Objective, objective_for, pad_token_id, row_losses, summed_loss
 
 # (adapter name, batch): the adapter that scores the batch's rows; None for the model's active adapter (or none)
@@ -37,10 +38,10 @@ def scored_batches(
     mine = items[rank::world]
     rounds = math.ceil(len(items) / world) if lockstep else len(mine)
     model.eval()
+    device = device if device is not None else input_device(model)
     for i in range(rounds):
         name, batch = mine[i] if i < len(mine) else items[0]
-        if device is not None:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         rows = batch["input_ids"].shape[0]
         names = [name] * rows if name is not None else None
         logits, targets = objective.logits(model, batch, target_only=False, adapter_names=names)
