@@ -33,10 +33,11 @@ import types
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .atomic import atomic_save_tensors
 from .errors import PrefixTuneError
 from .hf_model import CONFIG_FILE, adapter_dir
 from .model import PrefixModel
@@ -117,7 +118,7 @@ def save_training_state(model: PrefixModel, output_dir: str) -> None:
                 head = model.heads[name].state_dict()
                 tensors |= {f"{name}/head/{k}": v.detach().cpu().contiguous() for k, v in head.items()}
     if tensors:
-        save_file(tensors, os.path.join(output_dir, TRAINING_STATE))
+        atomic_save_tensors(tensors, os.path.join(output_dir, TRAINING_STATE), {})
 
 
 @torch.no_grad()
