@@ -106,7 +106,7 @@ def evaluate_on_data(
         "adapter": adapter,
         "data": data_spec,
         "split": split,
-        "prompt_format": shown,
+        **({"prompt_format": shown} if task != "classify" else {}),  # a classifier reads the text as it is
         **scores,
     }
 
