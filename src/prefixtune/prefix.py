@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -36,6 +37,10 @@ RECORD_KWARG = "prefix_record"  # forward keyword: a list that attention calls a
 LAYER_ATTR = "prefixtune_layer"  # int set on each attention module by the probe: its prefix layer (survives deepcopy)
 # Only while the probe runs: attention calls that arrived without our keyword (a model that drops its kwargs).
 UNROUTED: ContextVar[list[nn.Module] | None] = ContextVar("prefixtune_unrouted", default=None)
+# False: every call takes the general path (dense widened mask, prefix concatenated in every decode step), which
+# the tests compare the fast paths against (lower-right causal SDPA; the prefix kept in the cache, decode_cache.py).
+FAST_PATHS: ContextVar[bool] = ContextVar("prefixtune_fast_paths", default=True)
+_NO_CACHE = "generate with past_key_values=DynamicCache() to keep the prefix out of the cache"
 
 
 @dataclass
@@ -188,6 +193,8 @@ class PrefixBatch:
     all_visible:   every column of every row at every layer is visible (one adapter or equal lengths, all layers);
     layer_uniform: `visible` is the same at every layer (one widened mask serves all layers);
     has_offsets:   some row's positions are shifted.
+    stored:        prefix layer -> (keys, values) that a decode cache (decode_cache.py) returned with this layer's
+                   prefix already in front; shared by the row-repeated copies of the batch.
     The caches below live and die with this call's object, so concurrent calls never share them; `reached` is set
     by the attention function, so a caller can tell that a model passed the batch on (a custom generate might not).
     """
@@ -200,6 +207,7 @@ class PrefixBatch:
     all_visible: bool = False
     layer_uniform: bool = False
     has_offsets: bool = True
+    stored: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     reached: bool = field(default=False, init=False, repr=False)
     _repeated: dict[int, PrefixBatch] = field(default_factory=dict, init=False, repr=False)
     # The last widened mask: (the model's mask object, facts, widened). Every layer of one forward gets the same
@@ -235,13 +243,18 @@ class PrefixBatch:
         return self._repeated[rows]
 
     def widened_mask(
-        self, layer: int, mask: Tensor | None, query: Tensor, key: Tensor, *, eager: bool, causal: bool
-    ) -> Tensor | None:
-        """`mask` with the prefix columns prepended, or None where the kernel needs no mask at all: a decode step
-        (one query, or a bidirectional layer) with nothing masked, whose prefix columns are all visible."""
-        q_len, kv_len, dtype = query.shape[2], key.shape[2], query.dtype
-        if mask is None and self.all_visible and (q_len == 1 or not causal):
-            return None
+        self, layer: int, mask: Tensor | None, query: Tensor, kv_len: int, *, eager: bool, causal: bool
+    ) -> Tensor | CausalBias | None:
+        """`mask` (over `kv_len` real keys) with the prefix columns prepended, or no dense mask where the kernel
+        needs none: nothing masked and every prefix column visible is None for a decode step (one query) or a
+        bidirectional layer, and SDPA's lower-right causal form for a causal prefill (`eager=False` only): query i
+        sees keys 0..P+i of the P + S, bottom-right alignment, which keeps SDPA's flash/efficient kernels eligible."""
+        q_len, dtype = query.shape[2], query.dtype
+        if mask is None and self.all_visible and FAST_PATHS.get():
+            if q_len == 1 or not causal:
+                return None
+            if not eager:
+                return causal_lower_right(q_len, self.width + kv_len)
         facts = (-1 if self.layer_uniform else layer, q_len, kv_len, dtype, eager, causal)
         if self._widened is not None and self._widened[0] is mask and self._widened[1] == facts:
             return self._widened[2]
@@ -310,17 +323,26 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
             layer: int = getattr(module, LAYER_ATTR)
             batch = prefix_batch.for_rows(key.shape[0])
             if batch.layers is None or layer in batch.layers:
+                entry = batch.stored.get(layer)  # the cache returned this layer's keys with the prefix in front
+                stored = entry is not None and entry[0] is key and entry[1] is value
+                if entry is not None and not stored:
+                    raise PrefixTuneError(f"{type(module).__name__} altered its cached keys; {_NO_CACHE}")
+                kv_len = key.shape[2] - (batch.width if stored else 0)
                 causal = kwargs.get("is_causal")
                 causal = getattr(module, "is_causal", True) if causal is None else causal
-                attention_mask = batch.widened_mask(layer, attention_mask, query, key, eager=eager, causal=bool(causal))
                 bias = kwargs.get("position_bias")
-                if isinstance(bias, Tensor) and bias.shape[-1] == key.shape[2]:  # T5: (B|1, H, T, S)
+                biased = isinstance(bias, Tensor) and bias.shape[-1] == kv_len  # T5: (B|1, H, T, S)
+                attention_mask = batch.widened_mask(
+                    layer, attention_mask, query, kv_len, eager=eager or biased, causal=bool(causal)
+                )
+                if biased:
                     kwargs["position_bias"] = nn.functional.pad(bias, (batch.width, 0))  # no bias on the prefix
-                prefix_k, prefix_v = batch.keys[layer], batch.values[layer]  # (B, H_kv, P, D)
-                if prefix_k.dtype != key.dtype:
-                    prefix_k, prefix_v = prefix_k.to(key.dtype), prefix_v.to(value.dtype)
-                key = torch.cat([prefix_k, key], dim=2)  # (B, H_kv, P + S, D)
-                value = torch.cat([prefix_v, value], dim=2)
+                if not stored:
+                    prefix_k, prefix_v = batch.keys[layer], batch.values[layer]  # (B, H_kv, P, D)
+                    if prefix_k.dtype != key.dtype:
+                        prefix_k, prefix_v = prefix_k.to(key.dtype), prefix_v.to(value.dtype)
+                    key = torch.cat([prefix_k, key], dim=2)  # (B, H_kv, P + S, D)
+                    value = torch.cat([prefix_v, value], dim=2)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention
