@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PrefixTuneError
-from .prefix import LAYER_ATTR, LOCATIONS, PREFIX_IMPLEMENTATIONS, RECORD_KWARG, UNROUTED
+from .prefix import LAYER_ATTR, LOCATIONS, PREFIX_IMPLEMENTATIONS, RECORD_KWARG, REFUSED_IMPLEMENTATIONS, UNROUTED
 
 ROLES = LOCATIONS  # a layer's role is the location a prefix there has, in this order
 # Probe lengths: different for encoder and decoder inputs, so a call's (query, key) lengths tell its role.
@@ -32,6 +32,11 @@ def route_through_prefix(model: nn.Module) -> str:
     current = _implementation(model)
     if current in PREFIX_IMPLEMENTATIONS.values():
         return next(base for base, ours in PREFIX_IMPLEMENTATIONS.items() if ours == current)
+    if current in REFUSED_IMPLEMENTATIONS:
+        raise PrefixTuneError(
+            f"attn_implementation={current!r} cannot take a prefix ({REFUSED_IMPLEMENTATIONS[current]}); load the "
+            "model with attn_implementation='sdpa', whose unmasked prefill runs SDPA's flash/efficient kernels"
+        )
     if current not in PREFIX_IMPLEMENTATIONS:
         raise PrefixTuneError(
             f"{type(model).__name__} uses attn_implementation={current!r}; prefixtune works with 'sdpa' or 'eager' "

@@ -32,6 +32,11 @@ PositionConvention = Literal["peft", "zero"]
 # Where a prefix can go: encoder self-attention, decoder self-attention, decoder cross-attention (over the encoder).
 LOCATIONS = ("encoder", "decoder", "cross")
 PREFIX_IMPLEMENTATIONS = {"sdpa": "prefixtune_sdpa", "eager": "prefixtune_eager"}  # stock kernel -> ours
+# Kernels refused with a prefix, and why (docs/performance.md: measured on torch 2.13 / transformers 5.23, CPU).
+REFUSED_IMPLEMENTATIONS = {
+    "flex_attention": "torch's flex_attention has no backward on CPU and would need a new block mask per call",
+    "flash_attention_2": "its varlen kernel takes no prefix block and is not tested here (needs flash-attn and CUDA)",
+}
 BATCH_KWARG = "prefix_batch"  # forward keyword: this call's PrefixBatch
 RECORD_KWARG = "prefix_record"  # forward keyword: a list that attention calls append (module, T, keys, values) to
 LAYER_ATTR = "prefixtune_layer"  # int set on each attention module by the probe: its prefix layer (survives deepcopy)
