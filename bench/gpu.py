@@ -1,0 +1,471 @@
+"""One command for a GPU machine: our prefix against PEFT's and the bare model, on real model shapes, no downloads.
+
+    python bench/gpu.py --json gpu.json               # one H200: SmolLM2-135M, Qwen3-0.6B, Llama-3.2-1B shapes, bf16
+    python bench/gpu.py --quick --json quick.json     # a tiny shape on the CPU, seconds (the test suite runs this)
+    python bench/gpu.py --device cpu --dtype float32 --shapes smollm2-135m --sections decode   # a CPU subset
+
+Models are random-initialized from the real configs written below (so nothing is downloaded; speed does not
+depend on the weights). Sections, each reported under its own key of the JSON:
+- train:    tokens/s of one training step (forward, loss, backward, AdamW) of our prefix and PEFT's (20 virtual
+            tokens, the 512-wide reparameterization MLP on both sides), alternating step by step on the same
+            batches; the ratio two ways: the mechanism alone (ours computes logits at every position, like PEFT)
+            and as shipped (ours: logits on target positions only). Median of the per-step ratios.
+- mfu:      model FLOP utilization of our prefix training on the Llama-3.2-1B shape at 8 x 1024 tokens, against
+            --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
+- generate: greedy tokens/s with a prefix vs the bare model at batch 1 and 8.
+- mixed:    8 adapters mixed in one batch of 8 rows vs the same 8 rows served one adapter at a time.
+- decode:   the cost of a decode step vs cache length: the mean of the last 100 steps of a long continuation, bare
+            vs our prefix stored in the cache (decode_cache.py) vs the previous path that concatenated the prefix
+            onto the cache every step (FAST_PATHS off).
+Peak memory (torch.cuda.max_memory_allocated, or ru_maxrss on a CPU) per section. Written for torch >= 2.11 and
+transformers >= 5.17 (the GPU machine's versions): only APIs both have. Not a test: a benchmark on whatever
+machine it runs; the JSON records the machine (lscpu flags, GPU name, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+import prefixtune  # noqa: E402
+from prefixtune.eval import causal_lm_loss  # noqa: E402
+from prefixtune.prefix import FAST_PATHS  # noqa: E402
+
+# The models' published configs (the fields that shape the compute), as dicts: nothing is downloaded.
+SHAPES: dict[str, tuple[type, dict[str, Any]]] = {
+    "smollm2-135m": (
+        tf.LlamaConfig,
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "qwen3-0.6b": (
+        tf.Qwen3Config,
+        dict(
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    "llama-3.2-1b": (
+        tf.LlamaConfig,
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                high_freq_factor=4.0,
+                low_freq_factor=1.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
+    "tiny": (
+        tf.LlamaConfig,
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
+    ),
+}
+SECTIONS = ("train", "mfu", "generate", "mixed", "decode")
+VIRTUAL_TOKENS = 20
+
+
+def build(shape: str, dtype: torch.dtype, device: str) -> Any:
+    config_class, fields = SHAPES[shape]
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # initialized where it runs, in its dtype: a 1B model in seconds
+            model = tf.AutoModelForCausalLM.from_config(config_class(**fields), attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def ours(model: Any, adapters: int = 1, reparameterize: bool = True) -> Any:
+    config = prefixtune.PrefixConfig(num_virtual_tokens=VIRTUAL_TOKENS, init="random", reparameterize=reparameterize)
+    pm = prefixtune.attach(model, config, name="a0")
+    for i in range(1, adapters):
+        pm.add_adapter(f"a{i}", config)
+    return pm
+
+
+def peft_prefix(model: Any) -> Any:
+    import peft  # deferred: only the train section needs it
+
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=True, encoder_hidden_size=512
+    )
+    return peft.get_peft_model(model, config)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def peak_memory(out: dict[str, Any], device: str) -> Any:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if device.startswith("cuda"):
+        out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def batches(count: int, rows: int, length: int, vocab: int, device: str) -> list[dict[str, torch.Tensor]]:
+    """Random token batches; the first 55% of each row is prompt (labels -100), the rest target (E2E: 25 of 56)."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (rows, length), generator=generator)
+        labels = ids.clone()
+        labels[:, : int(length * 0.55)] = -100
+        out.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": torch.ones_like(ids).to(device),
+                "labels": labels.to(device),
+            }
+        )
+    return out
+
+
+def train_step(model: Any, optimizer: Any, loss_fn: Any, batch: dict[str, torch.Tensor], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    loss = loss_fn(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def section_train(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Ours and PEFT's prefix alternating step by step on the same batches: tokens/s and per-step ratios."""
+    rows, length, steps = args.train_batch
+    vocab = SHAPES[shape][1]["vocab_size"]
+    data = batches(steps + 1, rows, length, vocab, args.device)
+    mine = ours(build(shape, dtype, args.device))
+    mine.train()
+    theirs = peft_prefix(build(shape, dtype, args.device))
+    theirs.train()
+    setups = {
+        "ours_shipped": (mine, lambda b: causal_lm_loss(mine, b, target_only=True)),
+        "ours_all_logits": (mine, lambda b: causal_lm_loss(mine, b, target_only=False)),
+        "peft": (theirs, lambda b: theirs(**b).loss),
+    }
+    optimizers = {
+        "ours": torch.optim.AdamW(mine.trainable_parameters(), lr=1e-4),
+        "peft": torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4),
+    }
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for i, batch in enumerate(data):
+        for name, (model, loss_fn) in setups.items():
+            elapsed = train_step(model, optimizers[name.split("_")[0]], loss_fn, batch, args.device)
+            if i > 0:  # the first batch warms up
+                times[name].append(elapsed)
+    tokens = rows * length
+    out: dict[str, Any] = {"batch": [rows, length], "timed_steps": steps, "virtual_tokens": VIRTUAL_TOKENS}
+    out["tokens_per_s"] = {name: round(tokens / statistics.median(t), 1) for name, t in times.items()}
+    peft_times = times["peft"]
+    out["ratio_vs_peft"] = {
+        "shipped": round(statistics.median(p / o for p, o in zip(peft_times, times["ours_shipped"])), 3),
+        "mechanism": round(statistics.median(p / o for p, o in zip(peft_times, times["ours_all_logits"])), 3),
+    }
+    return out
+
+
+def section_mfu(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Model FLOPs of our prefix training step (frozen base: forward + activation gradients) per second."""
+    rows, length, steps = args.mfu_batch
+    config = SHAPES[shape][1]
+    model = ours(build(shape, dtype, args.device))
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    data = batches(steps + 1, rows, length, config["vocab_size"], args.device)
+    times = [train_step(model, optimizer, lambda b: causal_lm_loss(model, b), b, args.device) for b in data][1:]
+    base = model.base_model
+    n_head = base.get_output_embeddings().weight.numel()
+    n_lin = sum(
+        m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
+    tokens, targets = rows * length, rows * (length - int(length * 0.55))
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    pairs = rows * sum(VIRTUAL_TOKENS + i + 1 for i in range(length))  # causal, prefix columns included
+    attention = 4 * config["num_hidden_layers"] * heads * head_dim * pairs
+    flops = 2 * (2 * n_lin * tokens + 2 * n_head * targets) + 3 * attention
+    achieved = flops / statistics.median(times)
+    ceiling = matmul_ceiling(dtype, args.device, 8192 if args.device.startswith("cuda") else 512)
+    return {
+        "batch": [rows, length],
+        "step_s": round(statistics.median(times), 4),
+        "model_tflops_per_s": round(achieved / 1e12, 2),
+        "mfu_of_peak": round(achieved / (args.peak_tflops * 1e12), 4),
+        "peak_tflops": args.peak_tflops,
+        "matmul_tflops_measured": round(ceiling / 1e12, 2),
+        "mfu_of_measured_matmul": round(achieved / ceiling, 4),
+    }
+
+
+def matmul_ceiling(dtype: torch.dtype, device: str, n: int) -> float:
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    sync(device)
+    best = 0.0
+    for _ in range(3):
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.3:
+            a @ b
+            count += 1
+            if count % 8 == 0:
+                sync(device)
+        sync(device)
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+    return best
+
+
+def timed_generate(model: Any, ids: torch.Tensor, new: int, device: str, **kwargs: Any) -> float:
+    sync(device)
+    start = time.perf_counter()
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        **kwargs,
+    )
+    sync(device)
+    return time.perf_counter() - start
+
+
+def section_generate(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    prompt, new, repeats = args.gen
+    bare = build(shape, dtype, args.device)
+    mine = ours(build(shape, dtype, args.device))
+    vocab = SHAPES[shape][1]["vocab_size"]
+    out: dict[str, Any] = {"prompt_tokens": prompt, "new_tokens": new}
+    with torch.no_grad():
+        for rows in (1, 8):
+            ids = torch.randint(3, vocab, (rows, prompt), generator=torch.Generator().manual_seed(rows)).to(args.device)
+            times: dict[str, list[float]] = {"bare": [], "ours": []}
+            for model in (bare, mine):
+                timed_generate(model, ids, 2, args.device)  # warm up
+            for r in range(repeats):
+                for name in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+                    times[name].append(timed_generate(bare if name == "bare" else mine, ids, new, args.device))
+            rates = {name: round(rows * new / statistics.median(t), 1) for name, t in times.items()}
+            out[f"b{rows}"] = {"tokens_per_s": rates, "ours_over_bare": round(rates["ours"] / rates["bare"], 3)}
+    return out
+
+
+def section_mixed(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """8 rows, each its own adapter: one generate over the mixed batch vs one generate per adapter."""
+    prompt, new, repeats = args.gen
+    mine = ours(build(shape, dtype, args.device), adapters=8, reparameterize=False)
+    vocab = SHAPES[shape][1]["vocab_size"]
+    ids = torch.randint(3, vocab, (8, prompt), generator=torch.Generator().manual_seed(8)).to(args.device)
+    names = [f"a{i}" for i in range(8)]
+    mixed, apart = [], []
+    with torch.no_grad():
+        timed_generate(mine, ids, 2, args.device, adapter_names=names)
+        for _ in range(repeats):
+            mixed.append(timed_generate(mine, ids, new, args.device, adapter_names=names))
+            apart.append(
+                sum(
+                    timed_generate(mine, ids[i : i + 1], new, args.device, adapter_names=[n])
+                    for i, n in enumerate(names)
+                )
+            )
+    return {
+        "adapters": 8,
+        "mixed_tokens_per_s": round(8 * new / statistics.median(mixed), 1),
+        "one_at_a_time_tokens_per_s": round(8 * new / statistics.median(apart), 1),
+        "speedup": round(statistics.median(apart) / statistics.median(mixed), 3),
+    }
+
+
+class StepClock(tf.LogitsProcessor):
+    """Records when each generation step's logits arrive (one call per step)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def section_decode(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Mean seconds of a decode step, first and last 100 steps of a long continuation (batch 1)."""
+    length, last = args.decode
+    bare = build(shape, dtype, args.device)
+    mine = ours(build(shape, dtype, args.device))
+    vocab = SHAPES[shape][1]["vocab_size"]
+    ids = torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(2)).to(args.device)
+    runs = {"bare": (bare, True), "ours": (mine, True), "ours_copy_each_step": (mine, False)}
+    out: dict[str, Any] = {"continuation": length, "window": last}
+    with torch.no_grad():
+        for name, (model, fast) in runs.items():
+            clock = StepClock(args.device)
+            token = FAST_PATHS.set(fast)
+            try:
+                timed_generate(model, ids, 4, args.device)  # warm up
+                timed_generate(model, ids, length, args.device, logits_processor=tf.LogitsProcessorList([clock]))
+            finally:
+                FAST_PATHS.reset(token)
+            steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+            out[name] = {
+                "first_ms": round(1000 * statistics.mean(steps[:last]), 3),
+                "last_ms": round(1000 * statistics.mean(steps[-last:]), 3),
+            }
+    for name in ("ours", "ours_copy_each_step"):
+        out[f"{name}_over_bare_last"] = round(out[name]["last_ms"] / out["bare"]["last_ms"], 3)
+    return out
+
+
+def machine(device: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        lscpu = []
+    for line in lscpu:
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model name", "Flags"):
+            facts["cpu" if key.strip() == "Model name" else "cpu_flags"] = value.strip()
+    if device.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["cuda"] = torch.version.cuda
+    return facts
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny shape on the CPU, tiny sizes: seconds")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on cuda")
+    parser.add_argument("--shapes", default=None, help="comma-separated, from " + ", ".join(SHAPES))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from " + ", ".join(SECTIONS))
+    parser.add_argument("--mfu-shape", default="llama-3.2-1b")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="the H200's measured bf16 matmul rate")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device = args.device or "cpu"
+        args.shapes, args.mfu_shape = args.shapes or "tiny", "tiny"
+        args.train_batch, args.mfu_batch, args.gen, args.decode = (2, 16, 2), (1, 32, 1), (4, 4, 1), (12, 4)
+        args.threads = args.threads or 1
+    else:
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.shapes = args.shapes or "smollm2-135m,qwen3-0.6b,llama-3.2-1b"
+        gpu = args.device.startswith("cuda")
+        args.train_batch = (8, 1024, 10) if gpu else (8, 64, 6)
+        args.mfu_batch = (8, 1024, 10) if gpu else (2, 256, 3)
+        args.gen = (64, 64, 3) if gpu else (32, 32, 3)
+        args.decode = (1024, 100)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES] + [
+        s for s in args.sections.split(",") if s not in SECTIONS
+    ]
+    if unknown:
+        parser.error(f"unknown shapes or sections {unknown}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    started = time.time()
+    result: dict[str, Any] = {"command": sys.argv, "machine": machine(args.device), "dtype": args.dtype}
+    sections = args.sections.split(",")
+    for section in sections:
+        shapes = [args.mfu_shape] if section == "mfu" else args.shapes.split(",")
+        for shape in shapes:
+            if section == "decode" and not args.quick and len(shapes) > 1 and shape != shapes[0]:
+                continue  # one shape is enough to see the slope; the first one listed
+            entry: dict[str, Any] = {}
+            with peak_memory(entry, args.device):
+                entry.update(globals()[f"section_{section}"](args, shape, dtype))
+            result.setdefault(section, {})[shape] = entry
+            print(json.dumps({section: {shape: entry}}), flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    result["seconds"] = round(time.time() - started, 1)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
