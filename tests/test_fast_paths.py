@@ -206,6 +206,20 @@ def test_a_cache_passed_in_takes_the_copy_path() -> None:
     assert cache.get_seq_length() == out.shape[1] - 1
 
 
+def test_a_returned_cache_continues_in_a_later_call() -> None:
+    pm = _attach_two(tiny("llama-gqa"))
+    out = pm.generate(input_ids=IDS[:1], max_new_tokens=3, return_dict_in_generate=True, adapter_names=["a"])
+    cache = out.past_key_values
+    assert any(isinstance(layer, PrefixLayer) for layer in cache.layers)
+    seen = cache.get_seq_length()
+    with torch.no_grad():
+        step = pm(input_ids=out.sequences[:, seen:], past_key_values=cache, adapter_names=["a"]).logits[:, -1]
+        full = pm(input_ids=out.sequences, adapter_names=["a"], use_cache=False).logits[:, -1]
+        torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+        with pytest.raises(PrefixTuneError, match="prefix columns"):  # adapter b's prefix is 5 wide, the cache's 3
+            pm(input_ids=out.sequences[:, -1:], past_key_values=cache, adapter_names=["b"])
+
+
 @pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
 def test_unsupported_attention_is_refused_in_one_line(implementation: str) -> None:
     model = tiny("llama-gqa")

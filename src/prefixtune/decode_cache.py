@@ -6,9 +6,10 @@ tensor (prefix.py), an O(cache length) copy on top of the one transformers' `Dyn
 first update (the prefill), so the attention function gets keys (B, H_kv, P + S, D) and concatenates nothing.
 `get_seq_length` (and so `get_mask_sizes`, position ids, generate's lengths and stopping) counts real tokens only.
 Beam reordering, row selection and cropping act on the batch dimension or the end, so they keep working. The
-attention function knows the tensors a `PrefixLayer` returned by identity (`PrefixBatch.stored`), so only those
-skip the concatenation. Layers that are not a plain `DynamicLayer` (sliding windows drop old tokens, and with
-them would drop the prefix) keep transformers' own layer and the concatenating path, as do encoder-decoders.
+tensors a `PrefixLayer` returns carry their prefix width as an attribute (`prefix.STORED_ATTR`), so only those
+skip the concatenation, also when the cache is passed on to a later call. Layers that are not a plain
+`DynamicLayer` (sliding windows drop old tokens, and would drop the prefix with them) keep transformers' own
+layer and the concatenating path, as do encoder-decoders.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .cache_argument import cache_argument, cache_from
 from .layers import LayerLayout
-from .prefix import FAST_PATHS, PrefixBatch
+from .prefix import FAST_PATHS, STORED_ATTR, PrefixBatch
 
 
 class PrefixLayer(DynamicLayer):
@@ -40,7 +41,9 @@ class PrefixLayer(DynamicLayer):
             self.values = rows.values[self.layer].to(value_states.device, value_states.dtype)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.batch.stored[self.layer] = (self.keys, self.values)
+        self.batch.stored.add(self.layer)
+        setattr(self.keys, STORED_ATTR, self.width)  # tells the attention function not to prepend the prefix again
+        setattr(self.values, STORED_ATTR, self.width)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:

@@ -16,11 +16,16 @@ import torch
 from torch import nn
 
 from .errors import PrefixTuneError
-from .prefix import LAYER_ATTR, LOCATIONS, PREFIX_IMPLEMENTATIONS, RECORD_KWARG, REFUSED_IMPLEMENTATIONS, UNROUTED
+from .prefix import LAYER_ATTR, LOCATIONS, PREFIX_IMPLEMENTATIONS, RECORD_KWARG, UNROUTED
 
 ROLES = LOCATIONS  # a layer's role is the location a prefix there has, in this order
 # Probe lengths: different for encoder and decoder inputs, so a call's (query, key) lengths tell its role.
 _PROBE_ENCODER_TOKENS, _PROBE_DECODER_TOKENS = 3, 2
+# Kernels refused with a prefix, and why (docs/performance.md: measured on torch 2.13 / transformers 5.23, CPU).
+REFUSED_IMPLEMENTATIONS = {
+    "flex_attention": "torch's flex_attention has no backward on CPU and would need a new block mask per call",
+    "flash_attention_2": "its varlen kernel takes no prefix block and is not tested here (needs flash-attn and CUDA)",
+}
 
 
 def _implementation(model: nn.Module) -> str:

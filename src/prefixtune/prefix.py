@@ -26,17 +26,13 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from .cache_argument import cache_from
 from .errors import PrefixTuneError
+from .masks import widen_mask as _widen_mask  # a module global: the tests count the dense widenings through it
 
 Init = Literal["random", "vocab", "text"]
 PositionConvention = Literal["peft", "zero"]
 # Where a prefix can go: encoder self-attention, decoder self-attention, decoder cross-attention (over the encoder).
 LOCATIONS = ("encoder", "decoder", "cross")
 PREFIX_IMPLEMENTATIONS = {"sdpa": "prefixtune_sdpa", "eager": "prefixtune_eager"}  # stock kernel -> ours
-# Kernels refused with a prefix, and why (docs/performance.md: measured on torch 2.13 / transformers 5.23, CPU).
-REFUSED_IMPLEMENTATIONS = {
-    "flex_attention": "torch's flex_attention has no backward on CPU and would need a new block mask per call",
-    "flash_attention_2": "its varlen kernel takes no prefix block and is not tested here (needs flash-attn and CUDA)",
-}
 BATCH_KWARG = "prefix_batch"  # forward keyword: this call's PrefixBatch
 RECORD_KWARG = "prefix_record"  # forward keyword: a list that attention calls append (module, T, keys, values) to
 LAYER_ATTR = "prefixtune_layer"  # int set on each attention module by the probe: its prefix layer (survives deepcopy)
@@ -46,6 +42,7 @@ UNROUTED: ContextVar[list[nn.Module] | None] = ContextVar("prefixtune_unrouted",
 # the tests compare the fast paths against (lower-right causal SDPA; the prefix kept in the cache, decode_cache.py).
 FAST_PATHS: ContextVar[bool] = ContextVar("prefixtune_fast_paths", default=True)
 _NO_CACHE = "generate with past_key_values=DynamicCache() to keep the prefix out of the cache"
+STORED_ATTR = "prefixtune_stored"  # on keys/values a decode cache returns: the prefix columns in front of them
 
 
 @dataclass
@@ -198,8 +195,8 @@ class PrefixBatch:
     all_visible:   every column of every row at every layer is visible (one adapter or equal lengths, all layers);
     layer_uniform: `visible` is the same at every layer (one widened mask serves all layers);
     has_offsets:   some row's positions are shifted.
-    stored:        prefix layer -> (keys, values) that a decode cache (decode_cache.py) returned with this layer's
-                   prefix already in front; shared by the row-repeated copies of the batch.
+    stored:        the prefix layers whose decode cache (decode_cache.py) stores this batch's prefix in front of
+                   the tokens; shared by the row-repeated copies of the batch.
     The caches below live and die with this call's object, so concurrent calls never share them; `reached` is set
     by the attention function, so a caller can tell that a model passed the batch on (a custom generate might not).
     """
@@ -212,7 +209,7 @@ class PrefixBatch:
     all_visible: bool = False
     layer_uniform: bool = False
     has_offsets: bool = True
-    stored: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    stored: set[int] = field(default_factory=set, repr=False)
     reached: bool = field(default=False, init=False, repr=False)
     _repeated: dict[int, PrefixBatch] = field(default_factory=dict, init=False, repr=False)
     # The last widened mask: (the model's mask object, facts, widened). Every layer of one forward gets the same
@@ -268,32 +265,6 @@ class PrefixBatch:
         return widened
 
 
-def _implicit_mask(q_len: int, kv_len: int, rows: int, causal: bool, device: torch.device) -> Tensor:
-    """(rows, 1, q_len, kv_len) bool: what a skipped (None) mask means; causal ones are bottom-right aligned."""
-    if not causal:
-        return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(rows, 1, q_len, kv_len)
-    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    j = torch.arange(kv_len, device=device)[None, :]
-    return (j <= i)[None, None].expand(rows, 1, q_len, kv_len)
-
-
-def _widen_mask(
-    mask: Tensor | None, visible: Tensor, q_len: int, kv_len: int, dtype: torch.dtype, eager: bool, causal: bool
-) -> Tensor:
-    """Prepend the prefix columns (visible: (B, P)) to a 4D mask. Bool: True = attend; float: additive (0 or min)."""
-    rows, p = visible.shape
-    if mask is None:
-        mask = _implicit_mask(q_len, kv_len, rows, causal, visible.device)
-        if eager:
-            mask = torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~mask, torch.finfo(dtype).min)
-    mask = mask.expand(rows, -1, -1, -1)  # (B, 1|H, T, S)
-    prefix_part = visible[:, None, None, :].expand(rows, mask.shape[1], mask.shape[2], p)  # (B, 1|H, T, P)
-    if mask.dtype != torch.bool:
-        zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
-        prefix_part = zero.masked_fill(~prefix_part, torch.finfo(mask.dtype).min).expand_as(prefix_part)
-    return torch.cat([prefix_part, mask], dim=-1)  # (B, 1|H, T, P + S)
-
-
 def _eager_kernel(module: nn.Module) -> Callable[..., Any]:
     """The model's own eager attention function (GPT-2, Gemma etc. each have theirs)."""
     kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -328,10 +299,11 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
             layer: int = getattr(module, LAYER_ATTR)
             batch = prefix_batch.for_rows(key.shape[0])
             if batch.layers is None or layer in batch.layers:
-                entry = batch.stored.get(layer)  # the cache returned this layer's keys with the prefix in front
-                stored = entry is not None and entry[0] is key and entry[1] is value
-                if entry is not None and not stored:
+                stored = getattr(key, STORED_ATTR, None)  # keys from a decode cache with the prefix in front
+                if stored is None and layer in batch.stored:
                     raise PrefixTuneError(f"{type(module).__name__} altered its cached keys; {_NO_CACHE}")
+                if stored is not None and (stored != batch.width or getattr(value, STORED_ATTR, None) != stored):
+                    raise PrefixTuneError(f"the cache holds {stored} prefix columns, not {batch.width}; {_NO_CACHE}")
                 kv_len = key.shape[2] - (batch.width if stored else 0)
                 causal = kwargs.get("is_causal")
                 causal = getattr(module, "is_causal", True) if causal is None else causal
