@@ -14,9 +14,9 @@ depend on the weights). Sections, each reported under its own key of the JSON:
             --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
 - generate: greedy tokens/s with a prefix vs the bare model at batch 1 and 8.
 - mixed:    8 adapters mixed in one batch of 8 rows vs the same 8 rows served one adapter at a time.
-- decode:   the cost of a decode step vs cache length: the mean of the last 100 steps of a long continuation, bare
-            vs our prefix stored in the cache (decode_cache.py) vs the previous path that concatenated the prefix
-            onto the cache every step (FAST_PATHS off).
+- decode:   the cost of a decode step vs cache length: the median of the last 100 steps of a long continuation,
+            bare vs our prefix stored in the cache (decode_cache.py) vs the previous path that concatenated the
+            prefix onto the cache every step, the three in lockstep (step k of each back to back).
 Peak memory (torch.cuda.max_memory_allocated, or ru_maxrss on a CPU) per section. Written for torch >= 2.11 and
 transformers >= 5.17 (the GPU machine's versions): only APIs both have. Not a test: a benchmark on whatever
 machine it runs; the JSON records the machine (lscpu flags, GPU name, versions).
@@ -43,8 +43,10 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
 import prefixtune  # noqa: E402
+from prefixtune.cache_argument import cache_argument  # noqa: E402
+from prefixtune.decode_cache import generate_cache  # noqa: E402
 from prefixtune.eval import causal_lm_loss  # noqa: E402
-from prefixtune.prefix import FAST_PATHS  # noqa: E402
+from prefixtune.prefix import BATCH_KWARG  # noqa: E402
 
 # The models' published configs (the fields that shape the compute), as dicts: nothing is downloaded.
 SHAPES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -343,43 +345,49 @@ def section_mixed(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> d
     }
 
 
-class StepClock(tf.LogitsProcessor):
-    """Records when each generation step's logits arrive (one call per step)."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.stamps = device, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def section_decode(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
-    """Mean seconds of a decode step, first and last 100 steps of a long continuation (batch 1)."""
+    """Seconds of one decode step as the cache grows (batch 1, greedy): the bare model, ours (the prefix stored
+    once in the cache, decode_cache.py) and ours with a plain cache (the prefix concatenated onto it every step,
+    the path before), in lockstep: step k of each runs back to back, so machine load hits all three alike."""
     length, last = args.decode
     bare = build(shape, dtype, args.device)
     mine = ours(build(shape, dtype, args.device))
     vocab = SHAPES[shape][1]["vocab_size"]
     ids = torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(2)).to(args.device)
-    runs = {"bare": (bare, True), "ours": (mine, True), "ours_copy_each_step": (mine, False)}
-    out: dict[str, Any] = {"continuation": length, "window": last}
+    name_of_cache = cache_argument(type(bare))
+    stored_batch, copy_batch = mine.prefix_batch(["a0"], 1), mine.prefix_batch(["a0"], 1)
+    runs = {
+        "bare": (bare, {}, tf.DynamicCache()),
+        "ours": (
+            mine.base_model,
+            {BATCH_KWARG: stored_batch},
+            generate_cache(mine.base_model, mine.layout, stored_batch, {})[name_of_cache],
+        ),
+        "ours_copy_each_step": (mine.base_model, {BATCH_KWARG: copy_batch}, tf.DynamicCache()),
+    }
+    tokens = {name: ids for name in runs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
     with torch.no_grad():
-        for name, (model, fast) in runs.items():
-            clock = StepClock(args.device)
-            token = FAST_PATHS.set(fast)
-            try:
-                timed_generate(model, ids, 4, args.device)  # warm up
-                timed_generate(model, ids, length, args.device, logits_processor=tf.LogitsProcessorList([clock]))
-            finally:
-                FAST_PATHS.reset(token)
-            steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-            out[name] = {
-                "first_ms": round(1000 * statistics.mean(steps[:last]), 3),
-                "last_ms": round(1000 * statistics.mean(steps[-last:]), 3),
-            }
+        for step in range(length + 1):  # step 0 is the prefill
+            for name in order[step % 3 :] + order[: step % 3]:
+                model, extra, cache = runs[name]
+                sync(args.device)
+                start = time.perf_counter()
+                logits = model(input_ids=tokens[name], use_cache=True, **{name_of_cache: cache}, **extra).logits
+                tokens[name] = logits[:, -1:].argmax(-1)
+                sync(args.device)
+                if step:
+                    times[name].append(time.perf_counter() - start)
+    out: dict[str, Any] = {"continuation": length, "window": last, "prompt_tokens": ids.shape[1]}
+    for name, steps in times.items():
+        out[name] = {
+            "first_ms": round(1000 * statistics.median(steps[:last]), 3),
+            "last_ms": round(1000 * statistics.median(steps[-last:]), 3),
+        }
     for name in ("ours", "ours_copy_each_step"):
         out[f"{name}_over_bare_last"] = round(out[name]["last_ms"] / out["bare"]["last_ms"], 3)
+    out["cache_lengths"] = {name: runs[name][2].get_seq_length() for name in runs}
     return out
 
 
