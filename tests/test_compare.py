@@ -18,6 +18,9 @@ from prefixtune.train import read_metrics, train
 
 
 def _args(model_dir: Path, data: Path, out: Path, methods: str = "prefix,lora", *extra: str) -> list[str]:
+    """One rate per method (--no-sweep) unless `extra` asks for a sweep: the sweep is tests/test_compare_sweep.py's."""
+    sweep = any(e in ("--lr-sweep", "--lrs", "--sweep-sizes", "--sweep") for e in extra)
+    extra = tuple(e for e in extra if e != "--sweep")
     return [
         "compare",
         "--methods",
@@ -37,6 +40,7 @@ def _args(model_dir: Path, data: Path, out: Path, methods: str = "prefix,lora", 
         "--max-new-tokens",
         "4",
         "--quiet",
+        *([] if sweep else ["--no-sweep"]),
         "train_split=all",
         "warmup_steps=1",
         "log_every=2",
@@ -105,6 +109,9 @@ def test_a_repeated_command_reuses_finished_runs(model_dir: Path, data_file: Pat
         (["lora.r=3"], "method_options"),
         (["lora.r=2", "--max-steps", "5"], "max_steps"),
         (["lora.r=2", "--untuned"], "untuned"),
+        (["lora.r=2", "--seeds", "0,1"], "seeds"),
+        (["lora.r=2", "--bootstrap", "10"], "bootstrap"),
+        (["lora.r=2", "--sweep"], "lr_candidates, sweep"),  # the same runs, now swept
     ],
 )
 def test_another_configuration_is_refused_with_nothing_changed(
@@ -154,6 +161,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(model_dir: Path, data_fi
         ("prefix,lora", ["nonsense=1"], "neither a training setting"),
         ("prefix", ["--train-sizes", "5,x"], "--train-sizes"),
         ("prefix", ["--train-sizes", "500"], "only 6 training examples"),
+        ("prefix", ["--train-sizes", "0"], "'0' is not a positive integer"),
+        ("prefix", ["--train-sizes", "3,0"], "'0' is not a positive integer"),
+        ("prefix", ["--seeds", ""], "--seeds is empty"),
+        ("prefix", ["--seeds", " , "], "--seeds is empty"),
+        ("prefix", ["--lr-sweep", "1"], "at least 2 rates"),
+        ("prefix", ["--lr-sweep", "1,1.0001"], "has one rate"),  # 3 significant digits: the same rate twice
+        ("prefix", ["--lr-sweep", "1,0"], "must be a positive number"),
+        ("prefix", ["--lrs", "prefix=1e-3"], "at least 2 rates"),
+        ("prefix", ["--lrs", "prefix=1e-3,1e-3"], "given twice"),
+        ("prefix", ["--lrs", "lora=1e-3,1e-2"], "not in --methods"),
+        ("prefix", ["--lrs", "prefix=1e-3,1e-2", "prefix.lr=1e-3"], "give its rates once"),
+        ("prefix", ["--sweep-sizes", "5", "--train-sizes", "3"], "not among --train-sizes"),
+        ("prefix", ["--no-sweep", "--lr-sweep", "1,3"], "does not combine"),
+        ("prefix", ["--train-sizes", "3", "eval_every=2"], "eval_every"),
+        ("prefix", ["--bootstrap", "-1"], "--bootstrap"),
         ("prefix,full", ["full.top_layers=0"], "top_layers"),
     ],
 )
@@ -170,10 +192,11 @@ def test_the_untuned_model_is_scored_without_training(model_dir: Path, data_file
     """The worker's untuned job, run in this process (the subprocess path is the same code)."""
     settings = CompareSettings(["prefix"], model=str(model_dir), data=str(data_file), max_steps=2, batch_size=4)
     settings.eval_split, settings.max_new_tokens, settings.untuned = "all", 4, True
-    settings.overrides = ["train_split=all"]
-    jobs, _ = plan(settings, tmp_path / "cmp")
-    assert [j.name for j in jobs] == ["untuned", "prefix"]
-    record = run_job(write_job(jobs[0], settings))
+    settings.overrides, settings.sweep = ["train_split=all"], False
+    the_plan = plan(settings, tmp_path / "cmp")
+    assert the_plan.untuned is not None and not the_plan.sweep_jobs
+    assert [j.name for j in the_plan.final_jobs({}, 6)] == ["prefix"]
+    record = run_job(write_job(the_plan.untuned, settings))
     assert record["method"] == "untuned" and record["trainable_params"] == record["steps"] == 0
     assert record["peak_rss_mb"] >= record["rss_after_load_mb"] > 0 and 0 <= record["scores"]["bleu"] <= 100
     assert not (tmp_path / "cmp" / "runs" / "untuned" / "train").exists()  # nothing trained, nothing saved

@@ -233,8 +233,10 @@ def test_bad_adapter_names() -> None:
         pm(input_ids=IDS, adapter_names=["a", "nope"])
     with pytest.raises(PrefixTuneError, match="not a string"):
         pm(input_ids=IDS, adapter_names="a")
-    with pytest.raises(PrefixTuneError, match="invalid adapter name"):
-        pm.add_adapter("../x", PrefixConfig())
+    for bad in ["../x", "v1.2", "training", "forward", "cuda"]:  # torch refuses '.' and attribute names as modules
+        with pytest.raises(PrefixTuneError, match="invalid adapter name"):
+            pm.add_adapter(bad, PrefixConfig())
+        assert bad not in pm.adapter_names
     with pytest.raises(PrefixTuneError, match="already exists"):
         pm.add_adapter("a", PrefixConfig())
     # a failed call leaves nothing selected: the next call gets exactly what it asks for

@@ -394,13 +394,19 @@ ALLOWED_WRITES = [
     ("checkpoint.py", "torch.save(state, tmp / STATE)"),
     ("run_dir.py", 'probe.write_bytes(b"")'),  # a probe of the output directory, deleted at once
     ("run_dir.py", 'with open(metrics_path, "a") as f:'),  # metrics.jsonl is appended; readers skip a torn last line
-    ("run.py", 'with open(log_path, "ab") as log:'),  # a worker's log, appended
+    ("process.py", 'with open(log_path, "ab") as log:'),  # a worker's log, appended
     ("downloads.py", 'with open(directory / f".{name}.lock", "w") as handle:'),  # a lock file, never read
     ("models.py", 'open(out, "wb") as dst:'),  # into a scratch directory that is renamed in whole
     ("models.py", ".save_pretrained(staged)"),
     ("lora.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),  # atomic_save_directory
     ("lora_prefix.py", "lambda staging: self.peft_model.save_pretrained(str(staging))"),
     ("full.py", "atomic.atomic_save_directory(directory, self.model.save_pretrained)"),
+    ("hf_model.py", "def save_pretrained("),  # the definition; it saves through save_adapter (atomic)
+    # Trainer's checkpoint-N directory is written file by file by Trainer itself (optimizer, scheduler, RNG,
+    # trainer_state.json); ours adds the adapter (atomic) and what Trainer would have written there, its way:
+    ("hf_trainer.py", "model.save_pretrained(output_dir)"),
+    ("hf_trainer.py", "tokenizer.save_pretrained(output_dir)"),
+    ("hf_trainer.py", "torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))"),
 ]
 WRITES = re.compile(
     r"open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|savefig\(|save_file\(|torch\.save\(|"

@@ -65,6 +65,17 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU (float32 weights)"})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "cpu, cuda, cuda:N, mps or auto (device_map='auto'); default: cuda if available, else cpu"},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "base weights: float32 or bfloat16 (default: bfloat16 on a GPU that has it, else float32); "
+            "trainable weights stay float32"
+        },
+    )
     target_only_logits: bool = field(
         default=True, metadata={"help": "run the LM head only where the loss is taken (same loss, less work)"}
     )
@@ -121,7 +132,8 @@ def parse_data(raw: Any) -> str | dict[str, str]:
 
     Accepts a string, a mapping (YAML), or a list of CLI values: `PATH` alone, or `NAME=PATH` items (repeated
     `--data` flags, or comma-separated in one `data=a=x.jsonl,b=y.jsonl` override). A string that names an
-    existing file is always a path, even with '=' in it. Task names are checked when the data is read.
+    existing file is always a path, even with '=' in it, and so is an `hf:` spec (its options hold '=': hf:json?
+    data_files=x.jsonl). Task names are checked when the data is read.
     """
     if isinstance(raw, dict):
         tasks = {str(k): v for k, v in raw.items()}
@@ -132,7 +144,7 @@ def parse_data(raw: Any) -> str | dict[str, str]:
                 raise PrefixTuneError(f"data: task {name!r} needs a data set (a path or a built-in name), got {spec!r}")
         return tasks
     if isinstance(raw, str):
-        if "=" in raw and not _exists(raw):
+        if "=" in raw and not _exists(raw) and not raw.startswith("hf:"):
             items = raw.split(",") if all("=" in piece for piece in raw.split(",")) else [raw]
         else:
             items = [raw]
@@ -140,7 +152,7 @@ def parse_data(raw: Any) -> str | dict[str, str]:
         items = list(raw)
     else:
         raise PrefixTuneError(f"data must be a data set or a mapping of task name -> data set, got {raw!r}")
-    pairs = [item.partition("=") if not _exists(item) else ("", "", item) for item in items]
+    pairs = [item.partition("=") if not (_exists(item) or item.startswith("hf:")) else ("", "", item) for item in items]
     if len(items) == 1 and not pairs[0][1]:
         return items[0]
     tasks: dict[str, str] = {}

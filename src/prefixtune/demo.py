@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from . import data
 from .atomic import atomic_write_bytes
 from .config import TrainConfig
+from .devices import resolve_placement
+from .errors import PrefixTuneError
 from .eval import evaluate
 from .models import load_model
 from .peft_format import ADAPTER_WEIGHTS
@@ -35,13 +38,20 @@ def run_demo(
     eval_limit: int | None = None,
     data_dir: str | None = None,
     fresh: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
+    """`device` / `dtype` as `--device` / `--dtype` (default: cuda in bfloat16 when available, else cpu in float32);
+    checked before anything is written."""
+    where = resolve_placement(device, dtype)
+    if where.dtype == torch.float16:
+        raise PrefixTuneError("--dtype float16 cannot train (no loss scaling: small gradients underflow); use bfloat16")
     out = Path(out)
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    base, tokenizer = load_model(model)
+    base, tokenizer = load_model(model, dtype=where.dtype, device=where.device, device_map=where.device_map)
     test = data.load_dataset("e2e", split="test", data_dir=data_dir)[:eval_limit]
     _say(f"scoring the untuned {model} on {len(test)} held-out E2E inputs")
     base_scores, base_predictions = evaluate(base, tokenizer, test, metric_names=["bleu", "rouge"], progress=True)
@@ -57,6 +67,8 @@ def run_demo(
         warmup_steps=20,
         options=dict(DEMO_OPTIONS),
         log_every=10,
+        device=device,
+        dtype=where.dtype_name,
     )
     resume = (out / "prefix" / "config.yaml").is_file()
     result = train(cfg, resume=resume, model_and_tokenizer=(base, tokenizer))

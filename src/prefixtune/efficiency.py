@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import PrefixTuneError
-from .model import PrefixModel
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -33,20 +33,29 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     raise PrefixTuneError(f"{type(model).__name__} holds no transformers model to checkpoint")
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(
+    model: nn.Module, options: dict[str, Any] | None = None, **layer_options: Any
+) -> None:
     """Checkpoint every decoder layer of the transformers model inside `model` (any method's wrapped model).
 
     A prefix (or lora+prefix) model's recomputation sees the same prefixes as the forward pass it replays.
-    Only in training mode, as transformers does it; the KV cache is off in checkpointed layers.
+    Only in training mode, as transformers does it; the KV cache is off in checkpointed layers. `options` go to
+    `torch.utils.checkpoint` (as transformers' `gradient_checkpointing_kwargs`); always non-reentrant: the
+    prefix reaches the layers as a keyword argument, not as a checkpointed input, which only that variant handles.
+    `layer_options`: transformers' `every_n_layers` and `offload` (releases that have them).
     """
     base = _transformers_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise PrefixTuneError(f"{type(base).__name__} does not support gradient checkpointing")
-    kwargs = {"use_reentrant": False}
+    if (options or {}).get("use_reentrant"):
+        raise PrefixTuneError(
+            "gradient checkpointing with use_reentrant=True cannot train a prefix; leave use_reentrant unset or False"
+        )
+    kwargs = {**(options or {}), "use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **layer_options)
     else:  # transformers releases before the rename
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **layer_options)
     # transformers also makes the input embeddings' output require grad, which only the reentrant variant needs;
     # left on, the backward pass would run through the frozen first layer's projections for nothing.
     if getattr(base, "_require_grads_hook", None) is not None:
@@ -59,7 +68,8 @@ def micro_steps(model: nn.Module, count: int, *, share_prefix: bool = True) -> I
     Use as `for k in micro_steps(model, grad_accum): ...forward, backward...`; the prefix MLP's backward runs when
     the loop ends normally. With count 1 (or share_prefix off, or no prefix model inside) it is `range(count)`.
     """
-    prefix_models = [m for m in model.modules() if isinstance(m, PrefixModel)]  # e.g. inside lora+prefix
+    # PrefixModels (e.g. inside lora+prefix), found by their method: this module sits below model.py
+    prefix_models = [m for m in model.modules() if callable(getattr(m, "prefix_once_per_step", None))]
     if count < 2 or not share_prefix or not prefix_models or not torch.is_grad_enabled():
         yield from range(count)
         return

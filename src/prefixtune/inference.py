@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from transformers import TextStreamer
 
-from . import data
+from . import data, peft_format
 from .atomic import atomic_write_bytes
 from .data.classify import example_label
+from .devices import Placement, input_device, resolve_placement
 from .errors import PrefixTuneError
 from .eval import evaluate, generate_texts, is_sequence_classifier, predict, saved_labels, wants_classify
 from .methods.registry import detect_method, load_trained
@@ -23,16 +24,21 @@ BUILTIN_TEST_SPLIT = ("e2e", "xsum", "multiemo")  # built-in sets are scored on 
 
 
 def load_for_inference(
-    model_name: str, adapter: str | None, force: bool = False, labels: list[str] | None = None
+    model_name: str,
+    adapter: str | None,
+    force: bool = False,
+    labels: list[str] | None = None,
+    placement: Placement | None = None,
 ) -> tuple[Any, Any]:
     """The model with its trained method (any method's directory; none for the untuned model), and its tokenizer.
 
     Classifier adapters bring their labels: an encoder loads with one output each; without an adapter, `labels`
-    (the eval data's) give an encoder its untrained head.
+    (the eval data's) give an encoder its untrained head. The base loads on the placement's device and in its
+    dtype (default: `resolve_placement(None, None)`); a trained method's own weights keep their float32.
     """
     if adapter is not None:
         labels = saved_labels([adapter]) or labels
-    base, tokenizer = load_model(model_name, labels=labels)
+    base, tokenizer = _load_base(model_name, labels, placement)
     if adapter is None:
         return base, tokenizer
     if force and detect_method(adapter) == "prefix":
@@ -55,23 +61,34 @@ def evaluate_on_data(
     source_field: str | None = None,
     target_field: str | None = None,
     progress: bool = False,
+    prompt_format: str | None = None,
+    placement: Placement | None = None,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score a model (with `adapter`, or untuned) on a data set; the result is what `prefixtune eval` prints.
 
     `generation`: max_length, max_new_tokens, batch_size, chat_template, num_beams (as `evaluate.evaluate`).
+    The prompt format is `prompt_format` ("plain" or "chat_template") or `chat_template=True` when given, else the
+    one the adapter was trained with (its prefixtune.prompt_format), else plain. Chat records always use the chat
+    template.
     """
+    placement = placement or resolve_placement(None, None)
     if split is None and data_spec in BUILTIN_TEST_SPLIT:
         split = "test"
+    explicit = prompt_format or (data.CHAT_TEMPLATE if generation.pop("chat_template", False) else None)
+    chosen = choose_format(explicit, saved_format(adapter) if adapter else None)
+    if chosen.raw:
+        raise PrefixTuneError("eval scores prompts in a trained format: use --prompt-format plain or chat_template")
+    generation["chat_template"] = chosen.chat_template
     examples = data.load_dataset(
-        data_spec, split=split, data_dir=data_dir, source_field=source_field, target_field=target_field
+        data_spec, split=split, data_dir=data_dir, source_field=source_field, target_field=target_field, limit=limit
     )[:limit]
     wants = data_spec == "multiemo" or wants_classify(model_name, adapter)
     task = task or ("classify" if wants else "generate")
     labels = sorted({str(example_label(e)) for e in examples}) if task == "classify" else None
     if task == "classify" and not adapter:
         torch.manual_seed(0)  # an encoder's untrained head: the one a seed-0 training run starts from
-    model, tokenizer = load_for_inference(model_name, adapter, force, labels)
+    model, tokenizer = load_for_inference(model_name, adapter, force, labels, placement)
     default = "accuracy,macro_f1" if is_sequence_classifier(model) else "bleu,rouge"
     names = [m.strip() for m in (metrics or default).split(",") if m.strip()]
     scores, predicted = evaluate(
@@ -83,20 +100,71 @@ def evaluate_on_data(
             for e, p in zip(examples, predicted)
         ]
         atomic_write_bytes(predictions_path, ("\n".join(lines) + "\n").encode())
-    return {"model": model_name, "adapter": adapter, "data": data_spec, "split": split, **scores}
+    shown = data.CHAT_TEMPLATE if any(e.messages is not None for e in examples) else chosen.type
+    return {
+        "model": model_name,
+        "adapter": adapter,
+        "data": data_spec,
+        "split": split,
+        "prompt_format": shown,
+        **scores,
+    }
 
 
-def load_with_adapters(model_name: str, adapter_specs: Sequence[str]) -> tuple[Any, Any, list[str]]:
+def saved_format(adapter_dir: str) -> data.PromptFormat | None:
+    """The prompt format an adapter was trained with, or None (saved before the field existed, or by PEFT)."""
+    try:
+        saved = peft_format.read_prompt_format(adapter_dir)
+    except PrefixTuneError:  # no readable adapter_config.json: the method's loader reports what is wrong
+        return None
+    return None if saved is None else data.PromptFormat.from_saved(saved, adapter_dir)
+
+
+def choose_format(explicit: str | None, saved: data.PromptFormat | None) -> data.PromptFormat:
+    """An explicit choice wins, then the adapter's own format, then plain (what adapters without one used)."""
+    if explicit is not None:
+        return data.PromptFormat(explicit)
+    return saved or data.PromptFormat(data.PLAIN)
+
+
+def adapter_formats(
+    adapter_specs: Sequence[str], names: Sequence[str], explicit: str | None
+) -> dict[str, data.PromptFormat]:
+    """The prompt format of each loaded adapter (by name) and of the base model's rows (BASE)."""
+    formats = {BASE: choose_format(explicit, None)}
+    for spec, name in zip(adapter_specs, names):
+        path = spec.partition("=")[2] if "=" in spec else spec
+        formats[name] = choose_format(explicit, saved_format(path))
+    return formats
+
+
+def load_with_adapters(
+    model_name: str, adapter_specs: Sequence[str], placement: Placement | None = None
+) -> tuple[Any, Any, list[str]]:
     """The model with prefixes from `[NAME=]DIR` specs, its tokenizer, and the adapter names in order."""
     paths = [spec.partition("=")[2] or spec for spec in adapter_specs]
-    base, tokenizer = load_model(model_name, labels=saved_labels(paths))  # classifier adapters' labels
+    base, tokenizer = _load_base(model_name, saved_labels(paths), placement)  # classifier adapters' labels
     model: Any = base
     names: list[str] = []
     for spec in adapter_specs:
         name, sep, path = spec.partition("=")
         model = load_adapter(model, path, name=name) if sep else load_adapter(model, spec)
         names.append(model.adapter_names[-1])
+    model.eval()  # generate/serve never train: no dropout, on the base model or any prefix
     return model, tokenizer, names
+
+
+def _load_base(model_name: str, labels: list[str] | None, placement: Placement | None) -> tuple[Any, Any]:
+    """The base model for eval/generate on its placement; encoder-decoders are refused (decoder-only prompts)."""
+    placement = placement or resolve_placement(None, None)
+    return load_model(
+        model_name,
+        labels=labels,
+        dtype=placement.dtype,
+        device=placement.device,
+        device_map=placement.device_map,
+        allow_seq2seq=False,
+    )
 
 
 def route_lines(lines: Sequence[str], names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -116,16 +184,40 @@ def route_lines(lines: Sequence[str], names: Sequence[str]) -> tuple[list[str], 
 
 
 def answer_prompts(
-    model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: Sequence[str] | None, **generation: Any
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    adapter_names: Sequence[str] | None,
+    formats: Sequence[data.PromptFormat] | None = None,
+    **generation: Any,
 ) -> list[str]:
     """One output per prompt: the predicted label for a classifier, else the generated text (greedy, beam or
-    sampled as `generation` says: batch_size, max_new_tokens, chat_template, num_beams, do_sample, ...)."""
+    sampled as `generation` says: batch_size, max_new_tokens, chat_template, num_beams, do_sample, ...).
+    `formats` (one per prompt) overrides `chat_template`: prompts of each format are generated together."""
     if is_sequence_classifier(model):
         outputs, _ = predict(
             model, tokenizer, list(prompts), adapter_names=adapter_names, batch_size=generation.get("batch_size", 8)
         )
         return list(outputs)
-    return generate_texts(model, tokenizer, list(prompts), adapter_names=adapter_names, first_line=False, **generation)
+    if formats is None:
+        return generate_texts(
+            model, tokenizer, list(prompts), adapter_names=adapter_names, first_line=False, **generation
+        )
+    outputs = [""] * len(prompts)
+    for chosen in dict.fromkeys(formats):
+        rows = [i for i, f in enumerate(formats) if f == chosen]
+        generation.update(chat_template=chosen.chat_template, raw=chosen.raw)
+        texts = generate_texts(
+            model,
+            tokenizer,
+            [prompts[i] for i in rows],
+            adapter_names=[adapter_names[i] for i in rows] if adapter_names is not None else None,
+            first_line=False,
+            **generation,
+        )
+        for i, text in zip(rows, texts):
+            outputs[i] = text
+    return outputs
 
 
 def stream_prompt(
@@ -146,6 +238,7 @@ def stream_prompt(
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     else:
         ids = torch.tensor(data.encode_prompts([prompt], tokenizer, chat_template=chat_template)[0])
+    ids = ids.to(input_device(model))
     kwargs: dict[str, Any] = dict(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -153,7 +246,7 @@ def stream_prompt(
         num_beams=num_beams,
         do_sample=sample,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=data.stop_ids(tokenizer, chat_template),  # under the chat template: its end of turn too
     )
     if num_beams == 1:  # transformers streams greedy and sampled decoding only
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -182,3 +182,70 @@ def record_key_values(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor
     for module, _, key, value in seen:
         by_layer.setdefault(getattr(module, LAYER_ATTR), (key[0], value[0]))  # each (H_kv, T, D)
     return torch.stack([torch.stack(by_layer[i]) for i in range(len(by_layer))]).float()
+
+
+def layer_places(layout: LayerLayout) -> list[tuple[torch.device, torch.dtype]]:
+    """Each attention layer's own (device, dtype), read from its own first floating-point tensor: under
+    device_map="auto" the layers sit on different GPUs, and a layer's prefix must be where its keys are.
+    Read on every call (a model may have been moved since), so it walks the module dicts directly: ~1 us a layer."""
+    places = []
+    for module in layout.modules:
+        tensor = _first_tensor(module, floating=True)
+        if tensor is not None:
+            places.append((tensor.device, tensor.dtype))
+        else:  # no floating-point weights of its own (quantized): its device, keys in the default dtype
+            any_tensor = _first_tensor(module, floating=False)
+            device = any_tensor.device if any_tensor is not None else torch.device("cpu")
+            places.append((device, torch.get_default_dtype()))
+    return places
+
+
+def _first_tensor(module: nn.Module, floating: bool) -> torch.Tensor | None:
+    """The first parameter or buffer of `module` and its submodules (breadth first), floating-point if asked."""
+    queue = [module]
+    while queue:
+        current = queue.pop(0)
+        for tensor in (*current._parameters.values(), *current._buffers.values()):
+            if tensor is not None and (tensor.is_floating_point() or not floating):
+                return tensor
+        queue.extend(m for m in current._modules.values() if m is not None)
+    return None
+
+
+class PerLayer:
+    """Per-layer tensors, each on its own layer's device and in its dtype, standing in for a stacked (L, B, ...)
+    tensor of a PrefixBatch: `[layer]` gives that layer's (B, ...) slice, `.shape` the stacked shape, and
+    `repeat_interleave(k, dim=1)` repeats rows as the stacked tensor would (beams, num_return_sequences)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.tensors[layer]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.tensors), *self.tensors[0].shape)
+
+    def repeat_interleave(self, times: int, dim: int) -> PerLayer:
+        if dim != 1:
+            raise ValueError("PerLayer repeats rows (dim 1 of the stacked form) only")
+        return PerLayer([t.repeat_interleave(times, dim=0) for t in self.tensors])
+
+
+def place_per_layer(
+    places: list[tuple[torch.device, torch.dtype]],
+    keys: torch.Tensor,  # (L, B, H_kv, P, D)
+    values: torch.Tensor,  # (L, B, H_kv, P, D)
+    visible: torch.Tensor,  # (L, B, P) bool
+) -> tuple[PerLayer, PerLayer, PerLayer]:
+    """A stacked prefix batch split into per-layer tensors, each moved to its layer's device and dtype (gradients
+    flow back through the copies)."""
+    return (
+        PerLayer([keys[i].to(device=d, dtype=t) for i, (d, t) in enumerate(places)]),
+        PerLayer([values[i].to(device=d, dtype=t) for i, (d, t) in enumerate(places)]),
+        PerLayer([visible[i].to(device=d) for i, (d, _) in enumerate(places)]),
+    )

@@ -27,8 +27,11 @@ from . import peft_format
 from .decode_cache import generate_cache
 from .errors import PrefixTuneError
 from .heads import RowRouter, copy_head, rows_of_call
+from .hf_model import TransformersModelMixin
 from .layers import (
     ROLES,
+    layer_places,
+    place_per_layer,
     probe_attention_layers,
     record_key_values,
     release_layers,
@@ -39,20 +42,30 @@ from .locations import describe_layers, resolve, saved_parts
 from .prefix import BATCH_KWARG, RECORD_KWARG, PrefixBatch, PrefixConfig, PrefixEncoder, offset_positions
 
 BASE = "__base__"  # in adapter_names: this row uses no prefix (PEFT's convention)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# forward's named inputs, in its order: the columns Trainer keeps
+COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "inputs_embeds")
+COLUMNS += ("decoder_input_ids", "decoder_attention_mask")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_MODULE_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))  # adapters live in a ModuleDict: these names are taken
 
 
 def check_adapter_name(name: str) -> str:
-    """Adapter names are also directory and HTTP names: letters, digits, '_', '.', '-' only."""
-    if not isinstance(name, str) or not _NAME.match(name) or name == BASE or ".." in name:
+    """Adapter names are also directory, HTTP and module names: letters, digits, '_', '-' only (torch refuses '.' in
+    a module name), and not the name of an attribute every module has (`training`, `forward`, `cuda`...)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == BASE:
         raise PrefixTuneError(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '-', starting with a letter or digit"
         )
+    if name in _MODULE_ATTRIBUTES:
+        raise PrefixTuneError(f"invalid adapter name {name!r}: a torch module attribute has that name; pick another")
     return name
 
 
-class PrefixModel(nn.Module):
-    """A base model plus named prefixes. Build it with `prefixtune.attach` or `prefixtune.load_adapter`."""
+class PrefixModel(TransformersModelMixin, nn.Module):
+    """A base model plus named prefixes. Build it with `prefixtune.attach` or `prefixtune.load_adapter`.
+
+    It starts in the base model's train/eval mode; adapters added follow the model's mode. What Trainer, TRL and
+    PEFT-style code call (save_pretrained, from_pretrained, gradient checkpointing...) comes from hf_model.py."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__()
@@ -79,13 +92,9 @@ class PrefixModel(nn.Module):
             # generate() refuses model kwargs that its forward's signature does not name, and ours travel in
             # **kwargs. A partial (not a closure) so that deepcopy and pickling rebind it to the copied model.
             model._validate_model_kwargs = partial(_validate_model_kwargs, model)
+        self.training = model.training  # from_pretrained models start in eval mode; adapters follow (add_adapter)
 
     # ----- adapters -----------------------------------------------------------------------------------------
-
-    @property
-    def config(self) -> Any:
-        """The base model's transformers config."""
-        return self.base_model.config
 
     @property
     def adapter_names(self) -> list[str]:
@@ -113,13 +122,13 @@ class PrefixModel(nn.Module):
         device = next(self.base_model.parameters()).device
         head = encoder.config.head
         if head is not None:
-            self.heads[name] = copy_head(self.base_model, head, head_state).to(device)
+            self.heads[name] = copy_head(self.base_model, head, head_state).to(device).train(self.training)
             if head not in self._head_hooks:
                 module = self.base_model.get_submodule(head)
                 hook = RowRouter(self.heads, self.adapters, head)
                 self._head_hooks[head] = module.register_forward_hook(hook, with_kwargs=True)
             self._labels[name] = labels or _model_labels(self.base_model)
-        self.adapters[name] = encoder.to(device)
+        self.adapters[name] = encoder.to(device).train(self.training)  # dropout off after model.eval()
         if self.active_adapter is None:
             self.active_adapter = name
         return self
@@ -249,11 +258,28 @@ class PrefixModel(nn.Module):
 
     # ----- calls --------------------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """The base model's forward (same arguments, same output) with each row's prefix applied.
 
         adapter_names: one adapter name per batch row ("__base__" = no prefix); default: the active adapter.
+        The named inputs are the columns Trainer keeps (it reads this signature); those given go on to the base
+        model as keywords, everything else as it came.
         """
+        given = (input_ids, attention_mask, labels, position_ids, token_type_ids, inputs_embeds, decoder_input_ids)
+        kwargs |= {k: v for k, v in zip(COLUMNS, (*given, decoder_attention_mask)) if v is not None}
         rows = _batch_rows(args, kwargs)
         batch = self.prefix_batch(adapter_names, rows)
         with self._heads_routed(adapter_names, rows):
@@ -312,7 +338,11 @@ class PrefixModel(nn.Module):
                 torch.autograd.backward(step[0], step[1].grad)
 
     def prefix_batch(self, adapter_names: Sequence[str] | None, rows: int) -> PrefixBatch:
-        """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,)."""
+        """Stack each row's prefix: keys/values (L, B, H_kv, P_max, D), visibility (L, B, P_max), offsets (B,).
+
+        Built once per call in the attention layers' dtype and on their device; when the layers sit on several
+        devices (device_map="auto") or differ in dtype, keys, values and visibility are `layers.PerLayer` lists,
+        each layer's slice on that layer's own device and in its dtype."""
         if adapter_names is None:
             adapter_names = [self.active_adapter or BASE] * rows
         if isinstance(adapter_names, str):
@@ -329,13 +359,17 @@ class PrefixModel(nn.Module):
         lengths = {n: kv.shape[3] for n, kv in kvs.items()}
         layers = {n: lay.layers_of(self.adapters[n].config.locations or ROLES) for n in used}
         width = max(lengths.values(), default=0)
-        device = next(self.base_model.parameters()).device
-        full = torch.zeros(lay.num_layers, 2, lay.num_kv_heads, width, lay.head_dim, device=device)
+        device = next(self.base_model.parameters()).device  # where the adapters live and the batch is assembled
+        places = layer_places(lay)  # each attention layer's own (device, dtype)
+        # Cast once here, in the model's dtype (the float32 parameters still get their gradients through it), so
+        # that no attention call has to cast; under device_map="auto" each layer's slice goes to its device below.
+        dtype = places[0][1]
+        full = torch.zeros(lay.num_layers, 2, lay.num_kv_heads, width, lay.head_dim, device=device, dtype=dtype)
         columns = torch.arange(width, device=device)
         # One padded bank entry per used adapter (+ an empty one for BASE), then one gather for all rows.
         bank, seen = [], []
         for n in used:
-            kv = nn.functional.pad(kvs[n], (0, 0, 0, width - lengths[n]))
+            kv = nn.functional.pad(kvs[n].to(dtype), (0, 0, 0, width - lengths[n]))
             at = torch.zeros(lay.num_layers, dtype=torch.bool, device=device)
             at[layers[n]] = True
             bank.append(kv if len(layers[n]) == lay.num_layers else full.index_copy(0, _index(layers[n], device), kv))
@@ -345,6 +379,10 @@ class PrefixModel(nn.Module):
         slot = {n: i for i, n in enumerate(used)} | {BASE: len(used)}
         index = torch.tensor([slot[n] for n in names], device=device)
         stacked = torch.stack(bank)[index]  # (B, L, 2, H, P_max, D)
+        keys, values = stacked[:, :, 0].transpose(0, 1), stacked[:, :, 1].transpose(0, 1)  # (L, B, H, P_max, D)
+        visible = torch.stack(seen)[index].transpose(0, 1)  # (L, B, P_max)
+        if any(place != (device, dtype) for place in places):  # layers on several devices (or in several dtypes)
+            keys, values, visible = place_per_layer(places, keys, values, visible)
         row_len = torch.tensor([lengths.get(n, 0) for n in names], device=device)
         peft_rows = torch.tensor(
             [n != BASE and self.adapters[n].config.position_convention == "peft" for n in names], device=device
@@ -352,9 +390,9 @@ class PrefixModel(nn.Module):
         covered = frozenset(i for n in used for i in layers[n])
         every_layer = [len(layers[n]) == lay.num_layers for n in used]
         return PrefixBatch(
-            keys=stacked[:, :, 0].transpose(0, 1),
-            values=stacked[:, :, 1].transpose(0, 1),
-            visible=torch.stack(seen)[index].transpose(0, 1),  # (L, B, P_max)
+            keys=keys,  # type: ignore[arg-type]  # a PerLayer indexes and repeats like the stacked tensor
+            values=values,  # type: ignore[arg-type]
+            visible=visible,  # type: ignore[arg-type]
             offsets=torch.where(peft_rows, row_len, torch.zeros_like(row_len)),
             layers=None if len(covered) == lay.num_layers else covered,
             # Plain Python facts (no tensor reads): every row has a full-width prefix on every layer, or at least

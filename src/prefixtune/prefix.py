@@ -314,12 +314,9 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
                 )
                 if biased:
                     kwargs["position_bias"] = nn.functional.pad(bias, (batch.width, 0))  # no bias on the prefix
-                if not stored:
-                    prefix_k, prefix_v = batch.keys[layer], batch.values[layer]  # (B, H_kv, P, D)
-                    if prefix_k.dtype != key.dtype:
-                        prefix_k, prefix_v = prefix_k.to(key.dtype), prefix_v.to(value.dtype)
-                    key = torch.cat([prefix_k, key], dim=2)  # (B, H_kv, P + S, D)
-                    value = torch.cat([prefix_v, value], dim=2)
+                if not stored:  # (B, H_kv, P, D), already in this layer's dtype and on its device (prefix_batch)
+                    key = torch.cat([batch.keys[layer], key], dim=2)  # (B, H_kv, P + S, D)
+                    value = torch.cat([batch.values[layer], value], dim=2)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..demo import run_demo
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -16,9 +17,11 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model to tune")
     p.add_argument("--data-dir", help="where e2e_nlg.json is looked up first")
     p.add_argument("--fresh", action="store_true", help="delete a previous demo run in --out first")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    where = placement(args)  # checked before anything is written
     run_demo(
         args.out,
         model=args.model,
@@ -26,5 +29,7 @@ def run(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         data_dir=args.data_dir,
         fresh=args.fresh,
+        device=args.device,
+        dtype=args.dtype if args.dtype is not None else where.dtype_name,
     )
     return 0

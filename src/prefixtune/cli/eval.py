@@ -7,7 +7,9 @@ import json
 import sys
 from typing import Any
 
+from ..data import CHAT_TEMPLATE, PLAIN
 from ..inference import evaluate_on_data
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -32,14 +34,21 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=256, help="max prompt (+target) tokens")
     p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
     p.add_argument("--chat-template", action="store_true", help="wrap sources in the tokenizer's chat template")
+    p.add_argument(
+        "--prompt-format",
+        choices=[PLAIN, CHAT_TEMPLATE],
+        help="plain or chat_template (default: the adapter's saved format, else plain; chat records: chat_template)",
+    )
     p.add_argument("--data-dir", help="where built-in data files are looked up first")
     p.add_argument("--source-field", help="record field holding the input")
     p.add_argument("--target-field", help="record field holding the target")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="also write each prediction with its references")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another model with same shapes")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    where = placement(args)  # checked before anything loads
     result = evaluate_on_data(
         args.model,
         args.adapter,
@@ -58,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         chat_template=args.chat_template,
+        prompt_format=args.prompt_format,
         num_beams=args.num_beams,
+        placement=where,
     )
     print(json.dumps(result))
     return 0

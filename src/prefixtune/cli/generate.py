@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from ..data import CHAT_TEMPLATE, FORMATS, RAW
 from ..errors import PrefixTuneError
 from ..eval import is_sequence_classifier, predict
-from ..inference import answer_prompts, load_with_adapters, route_lines, stream_prompt
+from ..inference import adapter_formats, answer_prompts, load_with_adapters, route_lines, stream_prompt
+from ..model import BASE
+from .common import add_device_arguments, placement
 
 
 def add_arguments(sub: Any) -> None:
@@ -35,23 +38,33 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch for files")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--raw", action="store_true", help="use prompts as they are (no 'Output:' format)")
+    p.add_argument(
+        "--prompt-format",
+        choices=FORMATS,
+        help="plain ('PROMPT\\nOutput:'), chat_template or raw (default: each adapter's saved format, else plain; "
+        "--chat-template and --raw are short for the last two)",
+    )
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.input_file is None:
         args.input_file = "-"
-    model, tokenizer, names = load_with_adapters(args.model, args.adapter)
+    explicit = _explicit_format(args)
+    model, tokenizer, names = load_with_adapters(args.model, args.adapter, placement(args))
+    formats = adapter_formats(args.adapter, names, explicit)
     torch.manual_seed(args.seed)
     if args.prompt is not None and is_sequence_classifier(model):  # an encoder classifier prints the label
         print(predict(model, tokenizer, [args.prompt])[0][0])
         return 0
     if args.prompt is not None:
+        first = formats[names[0] if names else BASE]
         stream_prompt(
             model,
             tokenizer,
             args.prompt,
-            raw=args.raw,
-            chat_template=args.chat_template,
+            raw=first.raw,
+            chat_template=first.chat_template,
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
             sample=args.sample,
@@ -66,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer,
         prompts,
         chosen if names else None,
+        [formats[name] for name in chosen],
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        chat_template=args.chat_template,
         num_beams=args.num_beams,
         do_sample=args.sample,
         temperature=args.temperature,
@@ -77,6 +90,17 @@ def run(args: argparse.Namespace) -> int:
     for text in outputs:
         print(text.replace("\n", " "))
     return 0
+
+
+def _explicit_format(args: argparse.Namespace) -> str | None:
+    """The format the command line asks for (None: each adapter's own); two different ones are refused."""
+    asked = {f for f, on in ((RAW, args.raw), (CHAT_TEMPLATE, args.chat_template)) if on}
+    asked |= {args.prompt_format} if args.prompt_format else set()
+    if len(asked) > 1:
+        raise PrefixTuneError(
+            f"conflicting prompt formats {sorted(asked)}: give one of --prompt-format, --raw, --chat-template"
+        )
+    return next(iter(asked), None)
 
 
 def _read_lines(path: str) -> list[str]:

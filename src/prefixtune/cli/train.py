@@ -10,7 +10,7 @@ from typing import Any
 from ..config import TrainConfig, build_config, field_help
 from ..methods.registry import option_names
 from ..train import train
-from .common import rank
+from .common import add_device_arguments, rank
 
 
 def add_arguments(sub: Any) -> None:
@@ -50,7 +50,12 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--data-dir", help=helps["data_dir"])
     p.add_argument("--source-field", help=helps["source_field"])
     p.add_argument("--target-field", help=helps["target_field"])
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (a directory with nothing saved yet: start it)",
+    )
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any setting, e.g. warmup_steps=50")
 
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             "data_dir",
             "source_field",
             "target_field",
+            "device",
+            "dtype",
         )
     }
     overrides = list(args.overrides)

@@ -1,6 +1,8 @@
 """The comparison report: results.json (raw), report.md and report.html (tables), and three plots.
 
-Rows are (method, train size), averaged over seeds (quality as mean ± sd when there are several). Parameters are
+Rows are (method, train size), averaged over seeds (quality as mean ± sd when there are several, and a bootstrap
+95% interval over the test inputs: intervals.py). With a learning-rate sweep each row says the rate it won with and
+the validation score of every rate tried; a table lists every swept run. Parameters are
 counted against the base model: "trainable" is what the optimizer updates, "saved" what the saved files hold
 (prefix-tuning trains an MLP reparameterization, ~4% of smollm2-135m, but saves only the collapsed prefix, ~0.2%).
 """
@@ -17,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_save_figure, atomic_write_bytes
+from . import intervals as ci
 
 PNG_FILES = ("loss_curves.png", "quality_vs_params.png", "quality_vs_train_size.png")
 
 
-def quality_key(runs: list[dict[str, Any]]) -> str:
-    """bleu for generation, accuracy for classification."""
-    return "accuracy" if any("accuracy" in r["scores"] for r in runs) else "bleu"
+def quality_key(runs: list[dict[str, Any]], scores: str = "scores") -> str:
+    """bleu for generation, accuracy for classification (`scores`: the runs' field, e.g. select_scores)."""
+    return "accuracy" if any("accuracy" in r.get(scores, {}) for r in runs) else "bleu"
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -66,8 +69,16 @@ def _bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
-def main_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the main table (one row per method and train size)."""
+def main_table(
+    runs: list[dict[str, Any]],
+    intervals: dict[str, list[float]] | None = None,
+    swept: list[dict[str, Any]] | None = None,
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table (one row per method and train size).
+
+    `intervals` (results.json's, by `ci.group_name`) adds the bootstrap 95% interval of the quality; `swept` (the
+    sweep's runs) adds the validation score of every rate tried, the winner starred.
+    """
     key = quality_key(runs)
     header = [
         "method",
@@ -83,6 +94,10 @@ def main_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         "peak RSS, training (above loaded model)",
     ]
     header += ["accuracy"] if key == "accuracy" else ["BLEU", "ROUGE-L", "test loss"]
+    if intervals is not None:
+        header.append(f"{'accuracy' if key == 'accuracy' else 'BLEU'} 95% interval (test inputs)")
+    if swept:
+        header.append(f"validation {key} per rate tried (* won)")
     rows = []
     for group in group_runs(runs):
         first = group[0]
@@ -111,6 +126,11 @@ def main_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         else:
             for k in ("bleu", "rougeL", "loss"):
                 row.append(_spread(group, lambda r, k=k: r["scores"].get(k), ".2f"))
+        if intervals is not None:
+            found = intervals.get(ci.group_name(first))
+            row.append(f"[{found[1]:.2f}, {found[2]:.2f}]" if found else "-")
+        if swept:
+            row.append(ci.rates_tried(first, swept, key))
         rows.append(row)
     return header, rows
 
@@ -160,26 +180,43 @@ def _describe(settings: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     limit = f", first {settings['eval_limit']}" if settings.get("eval_limit") else ""
     return (
         f"Model `{settings['model']}`, data `{settings['data']}`; every method trains {settings['max_steps']} steps "
-        f"of batch {settings['batch_size']} (seeds {', '.join(map(str, settings['seeds']))}) at its own default "
-        f"learning rate unless one was given, each run in its own process, one at a time. Scored on split "
-        f"`{settings['eval_split']}` ({examples} inputs{limit}). Peak RSS is the process's high-water mark at the end "
+        f"of batch {settings['batch_size']} (seeds {', '.join(map(str, settings['seeds']))}) at its own "
+        f"{'swept' if settings.get('sweep') else 'default'} learning rate, each run in its own process, one at a "
+        f"time. Scored on split `{settings['eval_split']}` ({examples} inputs{limit}). {ci.describe(settings)} "
+        "Peak RSS is the process's high-water mark at the end "
         "of training; it includes Python, torch and the base model, the same for every row (the part in "
         "parentheses is what training added after the model was loaded); a run resumed from a checkpoint shows "
         '"-" (its process did not see every step).'
     )
 
 
-def write_report(out: Path, settings: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def write_report(
+    out: Path, settings: dict[str, Any], runs: list[dict[str, Any]], swept: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Write every report file into `out`; returns the raw results (results.json)."""
+    swept = swept or []
     plots = [plot_losses(runs, out / PNG_FILES[0]), plot_quality_vs_params(runs, out / PNG_FILES[1])]
     plots.append(plot_quality_vs_size(runs, out / PNG_FILES[2]))
     names = ["report.md", "report.html", "results.json"] + [p.name for p in plots if p]
-    raw = {"settings": settings, "quality_metric": quality_key(runs), "files": names, "runs": runs}
+    key = quality_key(runs)
+    intervals = ci.group_intervals(runs, key, settings)
+    raw = {
+        "settings": settings,
+        "quality_metric": key,
+        "files": names,
+        "runs": runs,
+        "intervals": intervals,
+        "summary": ci.summary(runs, key, intervals),
+        "sweep": [{k: v for k, v in r.items() if k not in ("example_stats", "losses")} for r in swept],
+        "chosen_lr": ci.chosen_rates(runs, swept),
+    }
     atomic_write_bytes(out / "results.json", (json.dumps(raw, indent=2) + "\n").encode())
-    tables = [("Methods", main_table(runs))]
+    tables = [("Methods", main_table(runs, intervals if settings.get("bootstrap") else None, swept))]
     by_size = size_table(runs)
     if by_size:
-        tables.append((f"{quality_key(runs)} by training-set size", by_size))
+        tables.append((f"{key} by training-set size", by_size))
+    if swept:
+        tables.append(("Learning-rate sweep (selection split)", ci.sweep_table(swept, key)))
     intro = _describe(settings, runs)
     md = [f"# prefixtune compare: {', '.join(settings['methods'])}\n", intro + "\n"]
     for title, (header, rows) in tables:

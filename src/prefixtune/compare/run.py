@@ -1,10 +1,19 @@
 """`prefixtune compare`: several methods on the same model, data, budget and evaluation, each in its own process.
 
     DIR/compare.json   the comparison's settings; a later command on DIR must give the same ones (else refused)
-    DIR/runs/NAME/     one run (NAME = method, or method-n<size>-s<seed> in low-data mode): job.json (what its
-                       worker does), train/ (a `prefixtune train` run directory), worker.log, and result.json,
-                       written last: a run that has it is finished and is reused, never retrained
+    DIR/data/          train-n<size>-s<seed>.jsonl: the seeded subsample of the training split each size trains
+                       on (the same for every method and rate of that seed; the smaller sizes nested in the larger)
+    DIR/runs/NAME/     one run: NAME = method, method-n<size>-s<seed>, or with a sweep
+                       method-n<size>-s<seed>-lr<rate>; job.json (what its worker does), train/ (a `prefixtune
+                       train` run directory), worker.log, and result.json, written last: a run that has it is
+                       finished and is reused, never retrained. A swept winner is scored on the test split by
+                       one more process (test_job.json -> test_result.json).
     DIR/results.json, report.md, report.html, loss_curves.png, quality_vs_params.png (+ quality_vs_train_size.png)
+
+The order (sweep.py): the untuned model (--untuned); the sweep (every candidate rate of every method, first seed,
+each swept size, scored on the selection split); then every (method, size, seed) at its winning rate, scored on
+the test split (for the first seed at a swept size that is the sweep's own run, scored once more). Test scores are
+only ever computed for winners.
 
 Each run is a worker process (worker.py) that loads the model, trains (from the run's checkpoint when an
 earlier worker was interrupted), evaluates, and records its own peak RSS (`ru_maxrss`, the kernel's high-water
@@ -20,10 +29,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,197 +41,145 @@ from ..config import TrainConfig, build_config
 from ..errors import PrefixTuneError
 from ..methods.registry import METHODS, make_config, option_names
 from ..train import tasks
-from . import report
+from . import report, sweep
+from .process import DirectoryLock, run_worker, say
+from .settings import CompareSettings, route_overrides
 
 SETTINGS_FILE = "compare.json"
 RESULT_FILE = "result.json"
+TEST_JOB_FILE, TEST_RESULT_FILE = "test_job.json", "test_result.json"
 UNTUNED = "untuned"
-# Fixed by compare itself (flags or the run layout), so not accepted as key=value.
-NOT_OVERRIDABLE = {
-    "method": "--methods",
-    "out": "--out",
-    "options": "METHOD.OPTION=VALUE",
-    "model": "--model",
-    "data": "--data",
-    "train_size": "--train-sizes",
-    "seed": "--seeds",
-    "max_steps": "--max-steps",
-    "batch_size": "--batch-size",
-}
-
-
-@dataclass
-class CompareSettings:
-    """What a comparison runs; saved as DIR/compare.json (with each method's resolved learning rate)."""
-
-    methods: list[str]
-    model: str = "smollm2-135m"
-    data: str = "e2e"
-    max_steps: int = 100
-    batch_size: int = 8
-    train_sizes: list[int | None] = field(default_factory=lambda: [None])  # None: the whole training split
-    seeds: list[int] = field(default_factory=lambda: [0])
-    lr: float | None = None  # one rate for every method; None: each method's METHODS[m].default_lr
-    eval_split: str = "test"  # or train, validation, all
-    eval_limit: int | None = None
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    untuned: bool = False  # also score the model without training (one more row)
-    overrides: list[str] = field(default_factory=list)  # key=value, routed by `route_overrides`
+EVAL_DATA_FIELDS = ("data", "data_dir", "source_field", "target_field")
 
 
 @dataclass
 class Job:
     name: str
     method: str | None  # None: the untuned model, scored only
-    config: TrainConfig
+    config: TrainConfig  # what the worker trains (data: the subsample file at a given train size)
+    source: TrainConfig | None = None  # the comparison's own data settings (what is subsampled and scored)
+    train_size: int | None = None
+    seed: int = 0
+    rate_index: int = 0  # its rate's place in the method's candidate list
+    split: str = "test"  # the split the worker scores after training
+    swept: bool = False  # a sweep run (scored on the selection split; a winner is tested afterwards)
+
+    @property
+    def eval_source(self) -> TrainConfig:
+        return self.source or self.config
 
 
-def route_overrides(
-    methods: list[str], overrides: list[str]
-) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, str]]:
-    """key=value items -> (shared training settings, options per method, learning rate per method); all as text."""
-    train_fields = {f.name for f in fields(TrainConfig)}
-    common: dict[str, str] = {}
-    options: dict[str, dict[str, str]] = {m: {} for m in methods}
-    rates: dict[str, str] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise PrefixTuneError(f"override {item!r} is not of the form key=value")
-        method, dot, rest = key.partition(".")
-        if dot and method in METHODS:
-            if method not in methods:
-                owners = [m for m in methods if key in option_names(m)]  # e.g. lora+prefix's own `lora.r`
-                hint = f"; for {owners[0]}'s option write {owners[0]}.{key}={value}" if owners else ""
-                raise PrefixTuneError(f"{item}: method {method!r} is not in --methods ({','.join(methods)}){hint}")
-            if rest == "lr":
-                rates[method] = value
-            elif rest in option_names(method):
-                options[method][rest] = value
-            elif rest in train_fields:
-                raise PrefixTuneError(
-                    f"{item}: training settings are shared by every method (equal budget); give {rest}={value}"
-                )
-            else:
-                raise PrefixTuneError(
-                    f"{item}: {rest!r} is not an option of method {method!r}; "
-                    f"its options are: {', '.join(option_names(method))}, lr"
-                )
-        elif key in NOT_OVERRIDABLE:
-            raise PrefixTuneError(f"{item}: compare sets {key} itself; use {NOT_OVERRIDABLE[key]}")
-        elif key in train_fields:
-            common[key] = value
+@dataclass
+class Plan:
+    """Every run of a comparison that is known before the sweep ends, and how to make the others."""
+
+    settings: CompareSettings
+    out: Path
+    saved: dict[str, Any]  # compare.json
+    rates: dict[str, list[float]]  # candidate rates per method, in order (one without a sweep)
+    swept: list[int | None]  # the swept train sizes (none without a sweep)
+    untuned: Job | None
+    sweep_jobs: list[Job]
+    configs: dict[str, TrainConfig] = field(default_factory=dict)  # per method, at its centre rate, whole data
+
+    def job(self, method: str, size: int | None, seed: int, lr: float, split: str, swept: bool) -> Job:
+        settings = self.settings
+        several = settings.train_sizes != [None] or len(settings.seeds) > 1
+        if settings.sweep:
+            name = f"{method}-n{size or 'all'}-s{seed}-lr{lr:g}"
         else:
-            missing = [m for m in methods if key not in option_names(m)]
-            if len(missing) == len(methods):
-                raise PrefixTuneError(
-                    f"{item}: {key!r} is neither a training setting nor an option of {', '.join(methods)}; "
-                    "give a method its option as METHOD.OPTION=VALUE (e.g. lora.r=8)"
-                )
-            if missing:
-                takers = [m for m in methods if m not in missing]
-                raise PrefixTuneError(
-                    f"{item}: option {key!r} does not apply to {', '.join(missing)}; give it to one method "
-                    f"as {takers[0]}.{key}={value}"
-                )
-            for m in methods:
-                options[m][key] = value
-    return common, options, rates
+            name = f"{method}-n{size or 'all'}-s{seed}" if several else method
+        run_dir = self.out / "runs" / name
+        source = replace(self.configs[method], out=str(run_dir / "train"), seed=seed, lr=lr)
+        cfg = source
+        if size is not None:  # the seeded subsample, written as a file before any run starts
+            cfg = replace(source, train_split="all", source_field=None, target_field=None)
+            cfg.data = str(subsample_path(self.out, size, seed))
+        index = self.rates[method].index(lr)
+        return Job(name, method, cfg, source, size, seed, index, split, swept)
+
+    def final_jobs(self, winners: dict[tuple[str, int | None], float], available: int) -> list[Job]:
+        """Every (method, size, seed) at its winning rate (or its one rate), scored on the test split."""
+        settings = self.settings
+        jobs = []
+        for method in settings.methods:
+            for size in settings.train_sizes:
+                for seed in settings.seeds:
+                    if settings.sweep:
+                        lr = winners[(method, sweep.source_size(size, self.swept, available))]
+                    else:
+                        lr = self.rates[method][0]
+                    swept = settings.sweep and size in self.swept and seed == settings.seeds[0]
+                    jobs.append(self.job(method, size, seed, lr, settings.eval_split, swept))
+        return jobs
 
 
-def parse_methods(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise PrefixTuneError(
-            f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"valid methods: {', '.join(METHODS)}"
-        )
-    if not names:
-        raise PrefixTuneError("--methods is empty; give a comma-separated list, e.g. prefix,lora,full")
-    if len(set(names)) != len(names):
-        raise PrefixTuneError(f"--methods names a method twice: {text}")
-    return names
+def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> Plan:
+    """The comparison's runs and its settings as saved in compare.json.
 
-
-def parse_sizes(text: str) -> list[int | None]:
-    """`50,100,all` -> [50, 100, None]."""
-    sizes: list[int | None] = []
-    for piece in (p.strip() for p in text.split(",") if p.strip()):
-        if piece == "all":
-            sizes.append(None)
-            continue
-        if not piece.isdigit() or int(piece) < 1:
-            raise PrefixTuneError(f"--train-sizes: {piece!r} is not a positive integer (or 'all')")
-        sizes.append(int(piece))
-    if not sizes or len(set(sizes)) != len(sizes):
-        raise PrefixTuneError(f"--train-sizes {text!r}: give distinct sizes, e.g. 50,100,200,500")
-    return sorted(sizes, key=lambda s: float("inf") if s is None else s)
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise PrefixTuneError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PrefixTuneError(f"--seeds {text!r}: give distinct integers, e.g. 0,1")
-    return seeds
-
-
-def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> tuple[list[Job], dict[str, Any]]:
-    """Every run of the comparison with its TrainConfig, and the settings as saved in compare.json.
-
-    Every user error (bad method, option, setting, learning rate) is raised here, before anything is written.
+    Every user error (bad method, option, setting, learning rate, sweep) is raised here, before anything is written.
     """
+    out = Path(out)
     methods = list(settings.methods)
     common, options, rates = route_overrides(methods, settings.overrides)
-    several = len(settings.train_sizes) > 1 or settings.train_sizes != [None] or len(settings.seeds) > 1
-    jobs: list[Job] = []
-    resolved_lr: dict[str, float] = {}
-    for method in ([None] if settings.untuned else []) + methods:
-        for size in settings.train_sizes if method else [None]:
-            for seed in settings.seeds if method else [settings.seeds[0]]:
-                name = method or UNTUNED
-                if several and method:
-                    name += f"-n{size or 'all'}-s{seed}"
-                values = {
-                    "model": settings.model,
-                    "data": settings.data,
-                    "method": method or methods[0],
-                    "out": str(Path(out) / "runs" / name / "train"),
-                    "max_steps": settings.max_steps,
-                    "batch_size": settings.batch_size,
-                    "train_size": size,
-                    "seed": seed,
-                    "save_every": 50,  # an interrupted run resumes from its last checkpoint (override: save_every)
-                    "log_every": max(1, min(10, settings.max_steps // 20)),  # enough points for the loss plot
-                    "lr": settings.lr,
-                }
-                items = [f"{k}={v}" for k, v in common.items()]
-                if method:
-                    items += [f"{k}={v}" for k, v in options[method].items()]
-                    items += [f"lr={rates[method]}"] if method in rates else []
-                cfg = build_config(TrainConfig, None, values, items, option_names)
-                if isinstance(cfg.data, dict):
-                    raise PrefixTuneError("compare takes one data set (not several tasks); give --data once")
-                if method:
-                    make_config(method, cfg.options)  # option values are checked now, not in the worker
-                    cfg.lr = cfg.lr or METHODS[method].default_lr
-                    resolved_lr[method] = cfg.lr
-                jobs.append(Job(name, method, cfg))
+    if common.get("eval_every") and settings.train_sizes != [None]:
+        raise PrefixTuneError(
+            "eval_every (validation during training) does not combine with --train-sizes: each size trains on a "
+            "subsample file without a validation split; the sweep scores validation after training instead"
+        )
+    for method in settings.lr_lists:
+        if method in rates:
+            raise PrefixTuneError(f"{method}: give its rates once, either {method}.lr=X or --lrs {method}=...")
+    configs: dict[str, TrainConfig] = {}
+    candidates: dict[str, list[float]] = {}
+    for method in methods:
+        values = {
+            "model": settings.model,
+            "data": settings.data,
+            "method": method,
+            "out": str(out / "runs" / method / "train"),
+            "max_steps": settings.max_steps,
+            "batch_size": settings.batch_size,
+            "seed": settings.seeds[0],
+            "save_every": 50,  # an interrupted run resumes from its last checkpoint (override: save_every)
+            "log_every": max(1, min(10, settings.max_steps // 20)),  # enough points for the loss plot
+            "lr": settings.lr,
+        }
+        items = [f"{k}={v}" for k, v in common.items()] + [f"{k}={v}" for k, v in options[method].items()]
+        items += [f"lr={rates[method]}"] if method in rates else []
+        cfg = build_config(TrainConfig, None, values, items, option_names)
+        if isinstance(cfg.data, dict):
+            raise PrefixTuneError("compare takes one data set (not several tasks); give --data once")
+        make_config(method, cfg.options)  # option values are checked now, not in the worker
+        cfg.lr = cfg.lr or METHODS[method].default_lr
+        configs[method] = cfg
+        candidates[method] = sweep.candidate_rates(settings, method, cfg.lr)
+    swept = sweep.swept_sizes(settings) if settings.sweep else []
     saved = asdict(settings)
     saved.pop("overrides")
-    saved.update(shared_settings=dict(sorted(common.items())), method_options=options, lr_per_method=resolved_lr)
-    return jobs, saved
+    saved.update(
+        shared_settings=dict(sorted(common.items())),
+        method_options=options,
+        lr_per_method={m: c.lr for m, c in configs.items()},
+        lr_candidates=candidates,
+    )
+    result = Plan(settings, out, saved, candidates, swept, None, [], configs)
+    if settings.untuned:
+        first = configs[methods[0]]
+        result.untuned = Job(UNTUNED, None, replace(first, out=str(out / "runs" / UNTUNED / "train")))
+    first_seed = settings.seeds[0]
+    for method in methods:
+        for size in swept:
+            for lr in candidates[method]:
+                result.sweep_jobs.append(result.job(method, size, first_seed, lr, settings.select_split, True))
+    return result
 
 
-def check_inputs(jobs: list[Job], settings: CompareSettings) -> None:
-    """Model name, data and sizes, cheaply, before any process starts."""
+def check_inputs(the_plan: Plan) -> int:
+    """Model name, data, sizes and splits, cheaply, before any process starts; returns the training pairs' count."""
+    settings = the_plan.settings
     models.resolve(settings.model)
-    first = jobs[-1].config
+    first = next(iter(the_plan.configs.values()))
     available = len(tasks.load_tasks(replace(first, train_size=None))[0][0].train)
     largest = max((s for s in settings.train_sizes if s is not None), default=0)
     if largest > available:
@@ -231,8 +187,12 @@ def check_inputs(jobs: list[Job], settings: CompareSettings) -> None:
             f"--train-sizes {largest}: {settings.data} has only {available} training examples "
             f"((source, reference) pairs) in split {first.train_split!r}"
         )
-    if not eval_examples(first, settings.eval_split, settings.eval_limit):
-        raise PrefixTuneError(f"{settings.data}: split {settings.eval_split!r} has no examples to evaluate")
+    splits = [settings.eval_split] + ([settings.select_split] if settings.sweep else [])
+    for split in dict.fromkeys(splits):
+        if not eval_examples(first, split, settings.eval_limit):
+            hint = "; choose another --select-split, or --no-sweep" if split != settings.eval_split else ""
+            raise PrefixTuneError(f"{settings.data}: split {split!r} has no examples to evaluate{hint}")
+    return available
 
 
 def eval_examples(cfg: TrainConfig, split: str, limit: int | None) -> list[Any]:
@@ -246,12 +206,54 @@ def eval_examples(cfg: TrainConfig, split: str, limit: int | None) -> list[Any]:
     return examples[:limit]
 
 
-def run_compare(settings: CompareSettings, out: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
-    """Run (or reuse) every run of the comparison and write the report; returns results.json's content."""
+def subsample_path(out: Path, size: int, seed: int) -> Path:
+    return out / "data" / f"train-n{size}-s{seed}.jsonl"
+
+
+def write_subsamples(the_plan: Plan) -> None:
+    """DIR/data/train-n<size>-s<seed>.jsonl: `size` training pairs drawn with `seed`, nested across sizes.
+
+    One seeded permutation of the training pairs per seed; size N takes its first N (kept in data order), so the
+    50 examples of a seed are among its 100. Every method and rate of that seed trains on the same file.
+    """
+    settings = the_plan.settings
+    first = next(iter(the_plan.configs.values()))
+    pairs = tasks.load_tasks(replace(first, train_size=None))[0][0].train
+    for seed in settings.seeds:
+        order = list(range(len(pairs)))
+        random.Random(f"prefixtune-compare-subsample-{seed}").shuffle(order)
+        for size in (s for s in settings.train_sizes if s is not None):
+            path = subsample_path(the_plan.out, size, seed)
+            rows = []
+            for i in sorted(order[:size]):
+                e = pairs[i]
+                rows.append(
+                    {"input": e.source, "label": e.label}
+                    if e.label is not None
+                    else {"input": e.source, "target": e.target}
+                )
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+            if not path.is_file() or path.read_bytes() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, text)
+
+
+def run_compare(
+    settings: CompareSettings,
+    out: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    launch: Callable[[Path], Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or reuse) every run of the comparison and write the report; returns results.json's content.
+
+    Each run is a worker process; `launch(job_path)` (tests) runs it in this process instead.
+    """
     out = Path(out)
-    jobs, saved = plan(settings, out)
-    check_inputs(jobs, settings)
+    the_plan = plan(settings, out)
+    available = check_inputs(the_plan)
     settings_path = out / SETTINGS_FILE
+    saved = the_plan.saved
     if settings_path.is_file():
         try:
             before = json.loads(settings_path.read_text())
@@ -269,131 +271,86 @@ def run_compare(settings: CompareSettings, out: str | os.PathLike[str], *, progr
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrefixTuneError(f"cannot write to {out}: {e.strerror}") from None
-    with _lock(out) as lock_fd:
+    finals = len(settings.methods) * len(settings.train_sizes) * len(settings.seeds)
+    count = int(settings.untuned) + len(the_plan.sweep_jobs) + finals
+    counter = iter(range(1, count + 1))
+    with DirectoryLock(out) as lock_fd:
         if not settings_path.is_file():
             atomic_write_bytes(settings_path, (json.dumps(saved, indent=2) + "\n").encode())
-        results = []
-        for number, job in enumerate(jobs, 1):
-            results.append(_run_or_reuse(job, number, len(jobs), settings, lock_fd, progress))
-    return report.write_report(out, saved, results)
+        write_subsamples(the_plan)
+
+        def run(job: Job) -> dict[str, Any]:
+            return _run_or_reuse(job, f"[{next(counter)}/{count}] {job.name}", settings, lock_fd, progress, launch)
+
+        results = [run(the_plan.untuned)] if the_plan.untuned else []
+        swept = [{**run(job), "rate_index": job.rate_index} for job in the_plan.sweep_jobs]
+        winners = {}
+        for method in settings.methods:
+            for size in the_plan.swept:
+                tried = [r for r in swept if r["method"] == method and r.get("train_size") == size]
+                winner = sweep.choose(tried, report.quality_key(tried, "select_scores"))
+                winner["won"] = True
+                winners[(method, size)] = winner["lr"]
+        for job in the_plan.final_jobs(winners, available):
+            if job.swept:
+                trained = next(r for r in swept if r["name"] == job.name)
+                tag = f"[{next(counter)}/{count}] {job.name}"
+                results.append({**trained, **_test_or_reuse(job, tag, settings, lock_fd, progress, launch)})
+            else:
+                results.append(run(job))
+    return report.write_report(out, saved, results, swept)
 
 
-def write_job(job: Job, settings: CompareSettings) -> Path:
-    """RUN/job.json: everything the worker needs (worker.run_job reads it)."""
+def write_job(job: Job, settings: CompareSettings, stage: str = "train") -> Path:
+    """RUN/job.json (train, then score `job.split`) or RUN/test_job.json (score the trained run on the test split)."""
     run_dir = Path(job.config.out).parent
     run_dir.mkdir(parents=True, exist_ok=True)
+    source = job.eval_source
     spec = {
         "name": job.name,
         "method": job.method,
+        "stage": stage,
+        "train_size": job.train_size,
         "config": job.config.to_dict(),
         "eval": {
-            "split": settings.eval_split,
+            "split": settings.eval_split if stage == "test" else job.split,
             "limit": settings.eval_limit,
             "max_new_tokens": settings.max_new_tokens,
             "num_beams": settings.num_beams,
             "batch_size": settings.batch_size,
+            "data": {k: getattr(source, k) for k in EVAL_DATA_FIELDS},
+            "scores_key": "select_scores" if job.swept and stage == "train" else "scores",
         },
     }
-    atomic_write_bytes(run_dir / "job.json", (json.dumps(spec, indent=2) + "\n").encode())
-    return run_dir / "job.json"
+    path = run_dir / (TEST_JOB_FILE if stage == "test" else "job.json")
+    atomic_write_bytes(path, (json.dumps(spec, indent=2) + "\n").encode())
+    return path
 
 
 def _run_or_reuse(
-    job: Job, number: int, count: int, settings: CompareSettings, lock_fd: int, progress: bool
+    job: Job, tag: str, settings: CompareSettings, lock_fd: int, progress: bool, launch: Callable[[Path], Any] | None
 ) -> dict[str, Any]:
     run_dir = Path(job.config.out).parent
     result_path = run_dir / RESULT_FILE
-    tag = f"[{number}/{count}] {job.name}"
     if result_path.is_file():
-        _say(progress, f"{tag}: finished earlier, reusing {result_path}")
+        say(progress, f"{tag}: finished earlier, reusing {result_path}")
         return json.loads(result_path.read_text())
     job_path = write_job(job, settings)
-    what = f"training {job.config.max_steps} steps at lr {job.config.lr:g}" if job.method else "scoring"
-    _say(progress, f"{tag}: {what} in a new process (log: {run_dir / 'worker.log'})")
-    started = time.perf_counter()
+    scored = f"scoring {job.split}" if job.method else "scoring"
+    what = f"training {job.config.max_steps} steps at lr {job.config.lr:g}, then {scored}" if job.method else scored
     metrics = Path(job.config.out) / "metrics.jsonl"
-    seen = _line_count(metrics)
-    log_path = run_dir / "worker.log"
-    log_start = log_path.stat().st_size if log_path.is_file() else 0
-    with open(log_path, "ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "prefixtune.compare.worker", "--job", str(job_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            pass_fds=(lock_fd,),  # the worker holds the directory lock too, even if this process dies
-        )
-        try:
-            while worker.poll() is None:
-                time.sleep(0.5)
-                seen = _report_progress(progress, tag, metrics, seen, job.config.max_steps)
-        except KeyboardInterrupt:  # the worker got the Ctrl-C too: it saves a checkpoint and stops
-            worker.wait()
-            raise
-    if worker.returncode != 0:
-        raise PrefixTuneError(f"{job.name}: {_worker_error(log_path, log_start, worker.returncode)}")
-    result = json.loads(result_path.read_text())
-    quality = ", ".join(f"{k} {result['scores'][k]:g}" for k in ("bleu", "rougeL", "accuracy") if k in result["scores"])
-    _say(progress, f"{tag}: done in {time.perf_counter() - started:.0f} s ({quality})")
-    return result
+    return run_worker(job_path, result_path, tag, what, metrics, job.config.max_steps, lock_fd, progress, launch)
 
 
-def _line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
-def _report_progress(progress: bool, tag: str, metrics: Path, seen: int, total: int | None) -> int:
-    if not metrics.is_file():
-        return seen
-    lines = metrics.read_text().splitlines()
-    for line in lines[seen:]:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return seen  # a line being written: read it next time
-        if "loss" in record:
-            _say(
-                progress,
-                f"{tag}: step {record['step']}/{total} loss {record['loss']:.3f} "
-                f"({record['tokens_per_s']:.0f} tokens/s)",
-            )
-        seen += 1
-    return seen
-
-
-def _worker_error(log: Path, start: int, code: int) -> str:
-    """The worker's own one-line error (from this attempt's part of the log), or what is known of its end."""
-    with open(log, "rb") as f:
-        f.seek(start)
-        lines = f.read().decode(errors="replace").splitlines()
-    for line in reversed(lines):
-        if line.startswith("prefixtune: error: "):
-            return line.removeprefix("prefixtune: error: ")
-    why = {130: "interrupted", -2: "interrupted", -9: "killed (out of memory?)"}.get(code, f"exit code {code}")
-    tail = next((line for line in reversed(lines) if line.strip()), "")
-    return f"its worker failed ({why}): {tail[:200]}; see {log}; the same command resumes it"
-
-
-class _lock:
-    """An exclusive flock on DIR/.compare.lock: two compares on one directory would write the same runs."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / ".compare.lock"
-
-    def __enter__(self) -> int:
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise PrefixTuneError(f"another compare (or its worker) is running in {self.path.parent}") from None
-        return self.fd
-
-    def __exit__(self, *exc: Any) -> None:
-        os.close(self.fd)
-
-
-def _say(enabled: bool, message: str) -> None:
-    if enabled:
-        print(f"prefixtune: compare {message}", file=sys.stderr, flush=True)
+def _test_or_reuse(
+    job: Job, tag: str, settings: CompareSettings, lock_fd: int, progress: bool, launch: Callable[[Path], Any] | None
+) -> dict[str, Any]:
+    """The test scores of a swept winner (its trained method, loaded in a new process)."""
+    run_dir = Path(job.config.out).parent
+    result_path = run_dir / TEST_RESULT_FILE
+    if result_path.is_file():
+        say(progress, f"{tag}: tested earlier, reusing {result_path}")
+        return json.loads(result_path.read_text())
+    job_path = write_job(job, settings, stage="test")
+    what = f"the winning rate {job.config.lr:g}: scoring {settings.eval_split}"
+    return run_worker(job_path, result_path, tag, what, run_dir / "none", None, lock_fd, progress, launch)

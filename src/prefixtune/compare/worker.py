@@ -1,8 +1,11 @@
 """One run of `prefixtune compare`, in its own process: `python -m prefixtune.compare.worker --job JOB.json`.
 
-Loads the model, trains (continuing from the run's checkpoint when an earlier worker was interrupted), scores
-the trained method, and writes result.json beside job.json. Its peak memory is its own: `ru_maxrss`, the kernel's
-resident-set high-water mark of this process, read after training and at the end.
+Stage "train" (job.json): loads the model, trains (continuing from the run's checkpoint when an earlier worker
+was interrupted), scores the trained method on the job's split, and writes result.json beside job.json. Its peak
+memory is its own: `ru_maxrss`, the kernel's resident-set high-water mark of this process, read after training
+and at the end. Stage "test" (test_job.json): loads the trained method of a swept winner from its train/ and
+scores it on the test split: test_result.json. Each scoring also writes predictions-<split>.jsonl and keeps the
+per-example statistics of BLEU, ROUGE-L or accuracy in the result (the report's bootstrap resamples them).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,25 @@ import torch
 from .. import data, train
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig
+from ..devices import resolve_placement
 from ..errors import PrefixTuneError
-from ..eval import evaluate
+from ..eval import evaluate, metrics
 from ..methods.registry import load_trained
 from ..models import load_model
 from ..train import checkpoint, tasks
-from .run import RESULT_FILE, UNTUNED, eval_examples
+from ..train.distributed import Runtime
+from ..train.placement import training_placement
+from .run import EVAL_DATA_FIELDS, RESULT_FILE, TEST_RESULT_FILE, UNTUNED, eval_examples
+
+
+def _load_placed(cfg: TrainConfig, trains: bool) -> tuple[Any, Any]:
+    """The base model on the run's --device in the dtype its training loads (or, untuned, the one it scores in)."""
+    if trains:
+        where, dtype, _ = training_placement(cfg, Runtime(), loading=True)
+    else:
+        where = resolve_placement(cfg.device, cfg.dtype)
+        dtype = where.dtype
+    return load_model(cfg.model, dtype=dtype, device=where.device, device_map=where.device_map, allow_seq2seq=False)
 
 
 def _checkpoint_step(train_dir: Path) -> int:
@@ -44,14 +61,69 @@ def _peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+def score(model: Any, tokenizer: Any, cfg: TrainConfig, job: dict[str, Any], run_dir: Path) -> tuple[dict, dict]:
+    """Scores on the job's split of the comparison's own data, and the per-example statistics of its metrics."""
+    spec = job["eval"]
+    source = replace(cfg, **{k: spec["data"][k] for k in EVAL_DATA_FIELDS}) if "data" in spec else cfg
+    examples = eval_examples(source, spec["split"], spec["limit"])
+    classify = cfg.task == "classify" or all(e.label is not None for e in examples)
+    labels = None
+    if classify:
+        labels = data.label_names(eval_examples(source, "all", None)) or None
+    scores, predictions = evaluate(
+        model,
+        tokenizer,
+        examples,
+        metric_names=["accuracy"] if classify else ["bleu", "rouge", "perplexity"],
+        task="classify" if classify else "generate",
+        labels=labels,
+        max_length=cfg.max_length,
+        max_new_tokens=spec["max_new_tokens"],
+        batch_size=spec["batch_size"],
+        chat_template=cfg.chat_template,
+        num_beams=spec["num_beams"],
+    )
+    if classify:
+        references = [[str(e.label if e.label is not None else e.target)] for e in examples]
+    else:
+        references = [e.references or ([e.target] if e.target else []) for e in examples]
+    stats: dict[str, list[list[float]]] = {}
+    if len(predictions) == len(examples):
+        names = ["accuracy"] if classify else ["bleu", "rougeL"]
+        stats = {m: metrics.example_statistics(m, predictions, references) for m in names}
+        rows = [
+            {"input": e.source, "prediction": p, "references": r} for e, p, r in zip(examples, predictions, references)
+        ]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write_bytes(run_dir / f"predictions-{spec['split']}.jsonl", text.encode())
+    return scores, stats
+
+
+def score_trained(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Score a finished run's trained method on the test split; writes and returns test_result.json."""
+    cfg = TrainConfig(**job["config"])
+    base, tokenizer = _load_placed(cfg, trains=True)
+    model = load_trained(base, Path(cfg.out), job["method"])
+    started = time.perf_counter()
+    scores, stats = score(model, tokenizer, cfg, job, run_dir)
+    record = {"scores": scores, "example_stats": stats, "test_seconds": round(time.perf_counter() - started, 2)}
+    atomic_write_bytes(run_dir / TEST_RESULT_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
 def run_job(job_path: Path) -> dict[str, Any]:
-    """Train (resuming when a checkpoint is there) and evaluate one run; writes and returns result.json."""
+    """Train (resuming when a checkpoint is there) and evaluate one run; writes and returns result.json.
+
+    A test job (stage "test") only scores the run's trained method: test_result.json.
+    """
     job = json.loads(job_path.read_text())
     cfg = TrainConfig(**job["config"])
     method, run_dir, train_dir = job["method"], job_path.parent, Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base, tokenizer = load_model(cfg.model)
+    if job.get("stage") == "test":
+        return score_trained(job, run_dir)
+    base, tokenizer = _load_placed(cfg, trains=method is not None)
     base_params = sum(p.numel() for p in base.parameters())
     with torch.no_grad():  # weights may be mmapped and paged in lazily: touch them so the baseline below holds them
         for p in base.parameters():
@@ -78,7 +150,7 @@ def run_job(job_path: Path) -> dict[str, Any]:
         windows = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]
         record.update(
             lr=cfg.lr,
-            train_size=cfg.train_size,
+            train_size=job.get("train_size", cfg.train_size),
             train_examples=len(tasks.load_tasks(cfg)[0][0].train),
             seed=cfg.seed,
             options=cfg.options,
@@ -94,28 +166,13 @@ def run_job(job_path: Path) -> dict[str, Any]:
         model = result.model
         if cfg.eval_every:  # the run directory holds the best model seen in validation: score that one
             del model, result, base
-            fresh, tokenizer = load_model(cfg.model)
+            fresh, tokenizer = _load_placed(cfg, trains=True)
             model = load_trained(fresh, train_dir, method)
-    examples = eval_examples(cfg, job["eval"]["split"], job["eval"]["limit"])
-    classify = cfg.task == "classify" or all(e.label is not None for e in examples)
-    labels = None
-    if classify:
-        labels = data.label_names(eval_examples(cfg, "all", None)) or None
     started = time.perf_counter()
-    scores, _ = evaluate(
-        model,
-        tokenizer,
-        examples,
-        metric_names=["accuracy"] if classify else ["bleu", "rouge", "perplexity"],
-        task="classify" if classify else "generate",
-        labels=labels,
-        max_length=cfg.max_length,
-        max_new_tokens=job["eval"]["max_new_tokens"],
-        batch_size=job["eval"]["batch_size"],
-        chat_template=cfg.chat_template,
-        num_beams=job["eval"]["num_beams"],
+    record[job["eval"].get("scores_key", "scores")], record["example_stats"] = score(
+        model, tokenizer, cfg, job, run_dir
     )
-    record.update(scores=scores, eval_seconds=round(time.perf_counter() - started, 2), peak_rss_mb=_peak_rss_mb())
+    record.update(eval_seconds=round(time.perf_counter() - started, 2), peak_rss_mb=_peak_rss_mb())
     record.setdefault("peak_rss_train_mb", record["peak_rss_mb"])
     atomic_write_bytes(run_dir / RESULT_FILE, (json.dumps(record, indent=2) + "\n").encode())
     if method is not None:

@@ -2,12 +2,17 @@
 
     records.py        files (JSONL, CSV, JSON), `hf:NAME`, the built-in sets; references, splits
     prompts.py        the prompt format (plain or chat template) and tokenization
+    chat.py           conversational records (messages, prompt/completion) and their ids under the chat template
+    formats.py        the prompt format an adapter was trained with (saved in adapter_config.json)
+    hf.py             `hf:NAME[:CONFIG][?data_files=..&split=..&streaming=1&take=N]`: Hugging Face data sets
     batches.py        padded batches: length buckets, a seeded order per epoch
     builtin.py        the built-in sets (e2e, xsum, multiemo): found locally or fetched once
     package_index.py  the package index client builtin.py fetches with
 """
 
 from .batches import batches, prompt_batches
+from .chat import end_of_turn_id, stop_ids
+from .formats import CHAT_TEMPLATE, FORMATS, PLAIN, RAW, PromptFormat, trained_format
 from .prompts import IGNORE_INDEX, SEPARATOR, TARGET_PREFIX, EncodedExample, EncodeStats, encode, encode_prompts
 from .records import (
     DEFAULT_SPLIT_FRACTIONS,
@@ -23,6 +28,14 @@ from .records import (
 )
 
 __all__ = [
+    "CHAT_TEMPLATE",
+    "FORMATS",
+    "PLAIN",
+    "RAW",
+    "PromptFormat",
+    "end_of_turn_id",
+    "stop_ids",
+    "trained_format",
     "DEFAULT_SPLIT_FRACTIONS",
     "IGNORE_INDEX",
     "SEPARATOR",

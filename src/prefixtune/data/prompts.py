@@ -2,10 +2,13 @@
 
     plain:          [BOS if the tokenizer adds one] source "\\nOutput:" | " " target EOS
     chat_template:  the tokenizer's chat template with the source as the user turn and the generation
-                    prompt added                                      | target EOS
+                    prompt added                                      | target END-OF-TURN (<|im_end|>, ...)
+    chat examples:  the conversation rendered by the chat template; loss on its assistant turns (chat.py)
 
 Everything left of "|" is the prompt; its tokens get label -100 (no loss). The separator "\\nOutput:" is
 fixed text the prefix learns to answer after; the target is tokenized on its own, so the label boundary is exact.
+Under the chat template an answer ends with the template's end-of-turn token, which is the EOS only where the
+template ends turns with it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PrefixTuneError
+from . import chat
 from .records import Example
 
 SEPARATOR = "\nOutput:"
@@ -62,6 +66,10 @@ class _PromptBuilder:
         if chat_template:
             if not getattr(tokenizer, "chat_template", None):
                 raise PrefixTuneError("this tokenizer has no chat template; train and generate without chat_template")
+            try:
+                self.end_id = chat.end_of_turn_id(tokenizer)
+            except PrefixTuneError:  # a template that ends turns with plain text: answers end with the EOS
+                self.end_id = tokenizer.eos_token_id
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": _CHAT_SLOT}], tokenize=False, add_generation_prompt=True
             )
@@ -73,6 +81,7 @@ class _PromptBuilder:
         else:
             self.before, self.after = _leading_special_ids(tokenizer), self._ids(SEPARATOR)
             self.target_prefix = TARGET_PREFIX
+            self.end_id = tokenizer.eos_token_id
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -117,6 +126,11 @@ def encode(
     """
     if tokenizer.eos_token_id is None:
         raise PrefixTuneError("the tokenizer has no EOS token; set tokenizer.eos_token")
+    conversations = [i for i, e in enumerate(examples) if e.messages is not None]
+    if conversations:
+        return _encode_mixed(
+            examples, conversations, tokenizer, max_length, max_source_length, chat_template, label_words
+        )
     builder = _PromptBuilder(tokenizer, chat_template)
     if max_length < builder.overhead + 2:
         raise PrefixTuneError(f"max_length={max_length} is too small for the prompt format ({builder.overhead} tokens)")
@@ -126,7 +140,7 @@ def encode(
     stats = EncodeStats(examples=len(examples), max_length=max_length)
     encoded = []
     for index, (source, target) in enumerate(zip(source_ids, target_ids)):
-        target = target + [tokenizer.eos_token_id]
+        target = target + [builder.end_id]
         stats.longest = max(stats.longest, builder.overhead + len(source) + len(target))
         cut_source = cut_target = False
         if max_source_length is not None and len(source) > max_source_length:
@@ -154,13 +168,34 @@ def encode_prompts(
     *,
     max_source_length: int | None = None,
     chat_template: bool = False,
+    raw: bool = False,
 ) -> tuple[list[list[int]], EncodeStats]:
-    """Prompt ids for generation, built exactly as `encode` builds them for training (source cut at its end)."""
-    builder = _PromptBuilder(tokenizer, chat_template)
+    """Prompt ids for generation, built exactly as `encode` builds them for training (source cut at its end).
+
+    `raw`: texts as they are (with the tokenizer's own special tokens), no format; conversations still use the
+    chat template."""
     items = [_as_example(e) for e in examples]
     stats = EncodeStats(examples=len(items), max_length=max_source_length)
+    plain = [e for e in items if e.messages is None]
+    builder = _PromptBuilder(tokenizer, chat_template) if plain else None
+    if raw and builder is not None:
+        builder.before, builder.after = [], []
+        by_source = iter([list(tokenizer(e.source)["input_ids"]) for e in plain])
+    else:
+        by_source = iter(builder.source_ids([e.source for e in plain]) if builder else [])
     prompts = []
-    for source in builder.source_ids([e.source for e in items]):
+    for item in items:
+        if item.messages is not None:  # a conversation: its context and the generation prompt, cut at the start
+            ids = chat.prompt_ids(tokenizer, item.messages, item.where or "chat example")
+            stats.longest = max(stats.longest, len(ids))
+            if max_source_length is not None and len(ids) > max_source_length:
+                ids = ids[-max_source_length:]
+                stats.truncated += 1
+                stats.source_truncated += 1
+            prompts.append(ids)
+            continue
+        assert builder is not None
+        source = next(by_source)
         stats.longest = max(stats.longest, builder.overhead + len(source))
         if max_source_length is not None and len(source) > max_source_length:
             source = source[:max_source_length]
@@ -182,6 +217,59 @@ def _target_text(example: Example, index: int, label_words: dict[str, str] | Non
     return example.target
 
 
-# ----- batching -----------------------------------------------------------------------------------------------
+def _encode_mixed(
+    examples: Sequence[Example],
+    conversations: list[int],
+    tokenizer: Any,
+    max_length: int,
+    max_source_length: int | None,
+    chat_template: bool,
+    label_words: dict[str, str] | None,
+) -> tuple[list[EncodedExample], EncodeStats]:
+    """Chat examples (whole conversations, cut at the end to max_length) and any plain ones, in order."""
+    chosen = set(conversations)
+    plain = [i for i in range(len(examples)) if i not in chosen]
+    encoded: dict[int, EncodedExample] = {}
+    stats = EncodeStats(examples=len(examples), max_length=max_length)
+    if plain:
+        done, plain_stats = encode(
+            [examples[i] for i in plain],
+            tokenizer,
+            max_length=max_length,
+            max_source_length=max_source_length,
+            chat_template=chat_template,
+            label_words=label_words,
+        )
+        for i, e in zip(plain, done):
+            encoded[i] = EncodedExample(e.input_ids, e.labels, e.prompt_length, i)
+        for name in ("truncated", "source_truncated", "target_truncated"):
+            setattr(stats, name, getattr(plain_stats, name))
+        stats.longest = plain_stats.longest
+    cut = EncodeStats()
+    first = examples[conversations[0]]
+    chat.require_chat_template(tokenizer, first.where or f"example {conversations[0]}")
+    end_of_turn = chat.end_of_turn_id(tokenizer, first.where or f"example {conversations[0]}")  # once per call
+    for i in conversations:
+        example = examples[i]
+        if example.target is None:
+            raise PrefixTuneError(f"example {i} has no target; training and perplexity need one")
+        assert example.messages is not None
+        messages = [*example.messages, {"role": "assistant", "content": example.target}]
+        ids, labels, prompt_length = chat.conversation_ids(
+            tokenizer, messages, example.loss_from, example.where or f"example {i}", end_of_turn
+        )
+        stats.longest = max(stats.longest, len(ids))
+        if len(ids) > max_length:
+            cut.truncated += 1
+            cut.target_truncated += 1
+            cut.source_truncated += prompt_length > max_length
+            ids, labels = ids[:max_length], labels[:max_length]
+        encoded[i] = EncodedExample(ids, labels, min(prompt_length, len(ids)), i)
+    stats.truncated += cut.truncated
+    stats.source_truncated += cut.source_truncated
+    stats.target_truncated += cut.target_truncated
+    if cut.truncated:
+        log.warning("prefixtune: %s (conversations are cut at their end)", stats.describe())
+    return [encoded[i] for i in range(len(examples))], stats
 
 

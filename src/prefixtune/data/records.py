@@ -1,8 +1,9 @@
 """Records -> examples: files, Hugging Face data sets and the built-in sets, their references and splits.
 
-Sources of records: JSONL, CSV, JSON (a list, or BIG-bench's {"examples": [...]}) files; `hf:NAME[:CONFIG]`
-(Hugging Face `datasets`, optional); the built-in sets `e2e`, `xsum`, `multiemo` (files located or fetched by
-builtin.py). Fields: `input`/`target` by default, `prompt`/`completion` recognized, others by name. A `target`
+Sources of records: JSONL, CSV, JSON (a list, or BIG-bench's {"examples": [...]}) files; `hf:NAME[:CONFIG][?...]`
+(Hugging Face `datasets`, optional; hf.py); the built-in sets `e2e`, `xsum`, `multiemo` (files located or fetched by
+builtin.py). Fields: `input`/`target` by default, `prompt`/`completion` recognized, others by name; `messages`
+and conversational `prompt`/`completion` (lists of {role, content}) make chat examples (chat.py). A `target`
 that is a list of strings, or several records with the same source, are the references of one example;
 BIG-bench `target_scores` (or a `label` field) make a classification example whose target is the label word.
 """
@@ -16,12 +17,12 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import PrefixTuneError
-from . import builtin
+from . import builtin, chat, hf
 
 SPLITS = ("train", "validation", "test")
 # (validation, test) fractions of the distinct sources; train is the rest
@@ -43,6 +44,10 @@ class Example:
     references: list[str] = field(default_factory=list)
     label: str | None = None
     task: str | None = None
+    # chat examples (chat.py): the conversation before the final answer, which is `target`; the source is its JSON
+    messages: list[dict[str, str]] | None = None
+    loss_from: int = 0  # assistant turns of `messages` at this index or later carry loss
+    where: str | None = field(default=None, compare=False)  # file:line of a chat record, for errors at encoding
 
 
 # ----- reading ------------------------------------------------------------------------------------------------
@@ -56,6 +61,7 @@ def load_dataset(
     source_field: str | None = None,
     target_field: str | None = None,
     seed: int = 0,
+    limit: int | None = None,
 ) -> list[Example]:
     """Read a data set and return one example per distinct source, references grouped, in file order.
 
@@ -67,13 +73,16 @@ def load_dataset(
       e2e      10% / 20%: 149 train, 21 validation, 43 test (of 213 inputs, ~4.7 references each)
       xsum     10% / 10%: 801 train, 100 validation, 100 test (of 1001)
       multiemo 10% / 10%: 6571 train, 822 validation, 822 test (of 8215)
-      files    10% / 10%, rounded half up; hf:NAME uses the data set's own splits instead.
+      files    10% / 10%, rounded half up; hf:NAME uses the data set's own splits instead (hf:NAME?split=EXPR:
+               that slice, divided as a file is; see hf.py for the options).
+    `limit` caps the records read from a streamed hf: data set (`take=N` in the spec does too); files and
+    non-streamed sets are read whole (so that references are grouped over the whole set) and cut by the caller.
     Classification examples are not grouped (each record stays one example), but share a split by source.
     """
     if split is not None and split not in SPLITS:
         raise PrefixTuneError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if spec.startswith("hf:"):
-        return group_references(_read_hf(spec, split, source_field, target_field))
+        return _read_hf(spec, split, source_field, target_field, limit, seed)
     if spec in builtin.DATA_ALIASES:
         path = builtin.prepare_dataset(spec, data_dir)
         examples = read_records(path, source_field=source_field, target_field=target_field, task=spec)
@@ -206,27 +215,33 @@ class _FieldPlan:
     source: str
     target: str | None  # None: no target field named or found; classification fields may still apply
     target_named: bool
+    chat: str | None = None  # "messages" or "prompt_completion" for conversational records (chat.py)
 
     @classmethod
     def choose(cls, first: dict[str, Any], source_field: str | None, target_field: str | None, where: str):
+        if source_field is None and "messages" in first and "input" not in first:
+            return cls("messages", None, False, chat="messages")
         if source_field is None:
             source_field = next((f for f in ("input", "prompt") if f in first), None)
             if source_field is None:
                 raise PrefixTuneError(
-                    f"{where}: no 'input' or 'prompt' field (fields: {', '.join(first) or 'none'}); "
+                    f"{where}: no 'input' or 'prompt' field, nor 'messages' (fields: {', '.join(first) or 'none'}); "
                     "name the source field with --source-field"
                 )
         target = target_field or next((f for f in ("target", "completion") if f in first), None)
-        return cls(source_field, target, target_field is not None)
+        conversational = chat.is_conversation(first.get(source_field))
+        return cls(source_field, target, target_field is not None, "prompt_completion" if conversational else None)
 
     def example(self, record: dict[str, Any], where: str, require_target: bool, task: str | None) -> Example:
+        task = _check_text(record["task"], "task", where) if isinstance(record.get("task"), str) else task
+        if self.chat is not None:
+            return self._chat_example(record, where, task)
         source = record.get(self.source)
         if source is None:
             raise PrefixTuneError(f"{where}: no {self.source!r} field (fields: {', '.join(record)})")
         if not isinstance(source, str):
             raise PrefixTuneError(f"{where}: {self.source!r} must be a string, got {type(source).__name__}")
         _check_text(source, self.source, where)
-        task = _check_text(record["task"], "task", where) if isinstance(record.get("task"), str) else task
         value = record.get(self.target) if self.target else None
         if value is not None:
             references = [value] if isinstance(value, str) else value
@@ -246,6 +261,29 @@ class _FieldPlan:
                 f"{where}: no {wanted!r} field (fields: {', '.join(record)}); name the target field with --target-field"
             )
         return Example(source, None, [], task=task)
+
+    def _chat_example(self, record: dict[str, Any], where: str, task: str | None) -> Example:
+        if self.chat == "messages":
+            conversation = chat.parse_messages(record, where)
+        else:
+            if not isinstance(record.get(self.source), list):
+                raise PrefixTuneError(
+                    f"{where}: {self.source!r} must be a list of messages like the file's first record "
+                    "(do not mix conversational and plain records in one file)"
+                )
+            conversation = chat.parse_prompt_completion(record, self.source, self.target or "completion", where)
+        for message in [*conversation.context, {"content": conversation.answer}]:
+            _check_text(message["content"], "content", where)
+        answer = conversation.answer
+        return Example(
+            conversation.source,
+            answer,
+            [answer],
+            task=task,
+            messages=conversation.context,
+            loss_from=conversation.loss_from,
+            where=where,
+        )
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -278,33 +316,46 @@ def _label_of(record: dict[str, Any], where: str) -> str | None:
     return None
 
 
-def _read_hf(spec: str, split: str | None, source_field: str | None, target_field: str | None) -> list[Example]:
-    name, _, config = spec[len("hf:") :].partition(":")
-    if not name:
-        raise PrefixTuneError("hf: needs a data set name, as in hf:NAME or hf:NAME:CONFIG")
-    try:
-        import datasets
-    except ImportError:
-        raise PrefixTuneError("hf: data sets need the `datasets` package: pip install 'prefixtune[hf]'") from None
-    try:
-        loaded = datasets.load_dataset(name, config or None)
-    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError)
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+def _read_hf(
+    spec: str, split: str | None, source_field: str | None, target_field: str | None, limit: int | None, seed: int
+) -> list[Example]:
+    """hf: records as examples (see hf.py): the data set's own splits, or one `split=` slice divided as a file is."""
+    parsed = hf.parse_spec(spec)
+    if not parsed.streaming:
+        limit = None  # read whole (memory-mapped), so that references group as for a file; take=N still cuts
+    limit = min(parsed.take, limit) if parsed.take and limit else parsed.take or limit
+    if parsed.split is not None and limit is None:  # an absolute slice's end is a limit too
+        _, start, stop = hf.parse_split(parsed.split, spec)
+        if stop is not None and not stop.endswith("%") and int(stop) >= 0:
+            limit = max(int(stop) - int(start or 0), 0) if not (start or "").endswith("%") else None
+    if parsed.streaming and limit is None:
         raise PrefixTuneError(
-            f"cannot load Hugging Face data set {name!r}: {first} (no network? use a local file)"
-        ) from None
-    available = list(loaded.keys())
+            f"{spec}: streaming reads records one by one and needs to know how many: add take=N to the spec "
+            "(or set train_size / eval_size when training, --limit when evaluating)"
+        )
+    source = hf.HfSource(parsed)
+    if parsed.split is not None:  # one slice: our own train/validation/test by source, as for a file
+        examples = group_references(_hf_examples(source.rows(parsed.split, limit), source_field, target_field))
+        if not examples:
+            raise PrefixTuneError(f"{spec}: no records")
+        return examples if split is None else split_examples(examples, split, seed=seed, name=spec)
+    available = source.split_names()
     if split is not None and split not in available:
-        raise PrefixTuneError(f"hf:{name} has no split {split!r} (splits: {', '.join(available)})")
-    examples: list[Example] = []
+        raise PrefixTuneError(f"hf:{parsed.name} has no split {split!r} (splits: {', '.join(available)})")
+    examples = []
     for part in [split] if split is not None else available:
-        rows = loaded[part]
-        if len(rows) == 0:
-            continue
-        plan = _FieldPlan.choose(dict(rows[0]), source_field, target_field, f"hf:{name}[{part}] row 0")
-        examples += [plan.example(dict(r), f"hf:{name}[{part}] row {i}", True, None) for i, r in enumerate(rows)]
+        examples += _hf_examples(source.rows(part, limit), source_field, target_field)
     if not examples:
-        raise PrefixTuneError(f"hf:{name}: no records")
+        raise PrefixTuneError(f"hf:{parsed.name}: no records")
+    return group_references(examples)
+
+
+def _hf_examples(rows: Iterable[tuple[str, dict[str, Any]]], source_field: str | None, target_field: str | None):
+    examples: list[Example] = []
+    plan: _FieldPlan | None = None
+    for where, record in rows:
+        plan = plan or _FieldPlan.choose(record, source_field, target_field, where)
+        examples.append(plan.example(record, where, True, None))
     return examples
 
 
@@ -327,7 +378,7 @@ def group_references(examples: Iterable[Example]) -> list[Example]:
             merged = by_key[key]
             merged.references.extend(r for r in example.references if r not in merged.references)
             continue
-        copy = Example(example.source, example.target, list(example.references), None, example.task)
+        copy = replace(example, references=list(example.references), label=None)
         by_key[key] = copy
         grouped.append(copy)
     return grouped
@@ -366,7 +417,7 @@ def training_pairs(examples: Iterable[Example]) -> list[Example]:
             pairs.append(example)
             continue
         references = example.references or ([example.target] if example.target is not None else [])
-        pairs += [Example(example.source, r, [r], None, example.task) for r in references]
+        pairs += [replace(example, target=r, references=[r], label=None) for r in references]
     return pairs
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import data
 from ..data.classify import encode_classes, example_label
+from ..devices import input_device
 from ..errors import PrefixTuneError
 from ..model import BASE, PrefixModel
 from ..models import is_encoder_model
@@ -105,12 +106,14 @@ def predict(
     model.eval()
     logits = torch.empty(len(texts), base_of(model).config.num_labels)
     pad_id = pad_token_id(tokenizer)
+    device = input_device(model)
     for start in range(0, len(encoded), batch_size):
         rows = list(range(start, min(start + batch_size, len(encoded))))
         batch = data.batches(
             [encoded[i] for i in rows], len(rows), shuffle=False, bucket_by_length=False, pad_id=pad_id
         )[0]
         names = [adapter_names[i] for i in rows] if isinstance(model, PrefixModel) else None
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits[rows] = class_logits(model, batch, names).cpu()
     labels = _row_labels(model, adapter_names)
     return [labels[i][c] for i, c in enumerate(logits.argmax(-1).tolist())], logits

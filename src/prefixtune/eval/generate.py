@@ -2,7 +2,9 @@
 
 `model` is anything with the transformers `forward`/`generate` signature: a plain causal LM (the untuned
 baseline) or a trained method's model. Generated text is cut at the first newline for every model alike: the
-targets are one line, and an untuned model would otherwise be charged for rambling past the answer.
+targets are one line, and an untuned model would otherwise be charged for rambling past the answer. Chat examples
+(conversations) are not cut: their answers may span lines and end at the template's end-of-turn token, where
+generation stops (as it does at the EOS).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import data
+from ..devices import input_device
 from .objective import pad_token_id
 
 
@@ -35,23 +38,32 @@ def generate_texts(
     adapter_names: Sequence[str] | None = None,
     progress: bool = False,
     first_line: bool = True,
+    raw: bool = False,
 ) -> list[str]:
-    """Batched generation (left padding, length-bucketed); returns one text per source, in order."""
+    """Batched generation (left padding, length-bucketed); returns one text per source, in order.
+
+    The prompt format is plain, or `chat_template`, or `raw` (texts as they are); conversations use the chat
+    template whatever the format."""
     prompts, _ = data.encode_prompts(
-        sources, tokenizer, max_source_length=max_source_length, chat_template=chat_template
+        sources, tokenizer, max_source_length=max_source_length, chat_template=chat_template and not raw, raw=raw
     )
+    conversational = any(isinstance(s, data.Example) and s.messages is not None for s in sources)
+    first_line = first_line and not conversational  # chat answers may span lines; they end at the end of turn
+    stop = data.stop_ids(tokenizer, chat_template or conversational)
     outputs: list[str] = [""] * len(prompts)
     model.eval()
     pad_id = pad_token_id(tokenizer)
     groups = data.prompt_batches(prompts, batch_size, pad_id=pad_id)
+    device = input_device(model)  # the model's (its first layers' under device_map="auto")
     for indices, batch in tqdm(groups, desc="generate", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
         kwargs: dict[str, Any] = dict(
             batch,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=do_sample,
             pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop if len(stop) > 1 else tokenizer.eos_token_id,
         )
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)

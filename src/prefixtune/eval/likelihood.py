@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import data
+from ..devices import input_device
 from .objective import NEXT_TOKEN, Objective, objective_for, pad_token_id, row_losses, summed_loss
 
 # (adapter name, batch): the adapter that scores the batch's rows; None for the model's active adapter (or none)
@@ -37,10 +38,10 @@ def scored_batches(
     mine = items[rank::world]
     rounds = math.ceil(len(items) / world) if lockstep else len(mine)
     model.eval()
+    device = device if device is not None else input_device(model)
     for i in range(rounds):
         name, batch = mine[i] if i < len(mine) else items[0]
-        if device is not None:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         rows = batch["input_ids"].shape[0]
         names = [name] * rows if name is not None else None
         logits, targets = objective.logits(model, batch, target_only=False, adapter_names=names)
@@ -113,7 +114,11 @@ def most_likely_labels(
     batch_size: int = 8,
 ) -> list[str]:
     """For each example, the label whose word (plus EOS) the model finds most likely after the prompt."""
-    candidates = [data.Example(e.source, label) for e in examples for label in labels]
+    candidates = [  # a conversation's candidates score the final answer only
+        data.Example(e.source, label, messages=e.messages, loss_from=len(e.messages or ()), where=e.where)
+        for e in examples
+        for label in labels
+    ]
     encoded, _ = data.encode(candidates, tokenizer, max_length=max_length, chat_template=chat_template)
     if not encoded:
         return []

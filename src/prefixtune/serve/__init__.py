@@ -13,13 +13,11 @@ import logging
 import os
 
 from .. import models
+from ..devices import add_device_arguments, resolve_placement
 from ..errors import PrefixTuneError
 from .app import create_app
 
 __all__ = ["add_serve_arguments", "create_app", "run_serve"]
-
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `prefixtune serve`."""
@@ -59,8 +57,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--served-model-name", default=None, help="the name clients use for the base model (default: --model)"
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    add_device_arguments(parser)  # --device, --dtype: the same as every command's
     parser.add_argument(
         "--force", action="store_true", help="load adapters whose base-model fingerprint differs but whose shapes fit"
     )
@@ -74,16 +71,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, build the app and serve until interrupted. User mistakes raise PrefixTuneError."""
-    import torch
     import uvicorn
 
     for flag in ("max_batch_size", "max_queue", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise PrefixTuneError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    where = resolve_placement(args.device, args.dtype)
+    model, tokenizer = models.load_model(
+        args.model, dtype=where.dtype, attn_implementation="sdpa", device=where.device, device_map=where.device_map
+    )
     api_key = args.api_key or os.environ.get("PREFIXTUNE_API_KEY") or None
     app = create_app(
         model,

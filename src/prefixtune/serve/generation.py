@@ -12,6 +12,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .. import data
+from ..errors import PrefixTuneError
+from ..model import BASE
 from .logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from .metrics import LATENCY_BUCKETS, Metrics
 from .protocol import (
@@ -68,12 +71,49 @@ def render_chat(tokenizer: HttpTokenizer, chat: list[ChatMessage], add_generatio
     return lines + "assistant:" if add_generation_prompt else lines
 
 
-def prompts_of(state: ServerState, body: CompletionRequest | ChatCompletionRequest) -> list[Prompt]:
-    """The request's prompts as token ids: texts tokenized (with the tokenizer's special tokens), ids as sent."""
+def completion_format(state: ServerState, body: CompletionRequest, adapter: str) -> data.PromptFormat | None:
+    """The format /v1/completions applies to text prompts (None: raw, as sent). See docs/serving.md."""
+    if body.prompt_format == "raw":
+        return None
+    if body.prompt_format == "adapter":  # the adapter's own; raw for the base model and adapters without one
+        return state.registry.prompt_format(adapter)
+    return data.PromptFormat(body.prompt_format)
+
+
+def prompts_of(
+    state: ServerState, body: CompletionRequest | ChatCompletionRequest, adapter: str = BASE
+) -> list[Prompt]:
+    """The request's prompts as token ids: texts tokenized (with the tokenizer's special tokens) or, with a
+    prompt_format, built as training built them; ids as sent."""
     if isinstance(body, ChatCompletionRequest):
         text = render_chat(state.tokenizer, body.messages)
         return [Prompt(state.tokenizer.encode(text, add_special_tokens=False), text)]
-    return [Prompt(state.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p), None) for p in body.prompt]
+    chosen = completion_format(state, body, adapter)
+    if chosen is None or chosen.raw:
+        return [
+            Prompt(state.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p), None) for p in body.prompt
+        ]
+    if any(not isinstance(p, str) for p in body.prompt):
+        raise APIError(
+            400,
+            f"prompt_format {body.prompt_format!r} formats text prompts; send text, or token ids with prompt_format "
+            "'raw' (the default)",
+            param="prompt_format",
+        )
+    try:  # echo shows the formatted prompt: the text is decoded from the ids the model saw
+        return [Prompt(state.tokenizer.formatted(str(p), chosen.chat_template), None) for p in body.prompt]
+    except PrefixTuneError as exc:  # chat_template on a tokenizer without one
+        raise APIError(400, str(exc), param="prompt_format") from None
+
+
+def end_of_turn_ids(state: ServerState, body: CompletionRequest | ChatCompletionRequest, adapter: str) -> list[int]:
+    """Token ids that end a row besides the EOS: the chat template's end of turn, for chat and chat-formatted
+    completions (an adapter trained on the template learned to end its answer there)."""
+    chat_like = isinstance(body, ChatCompletionRequest) or (
+        (chosen := completion_format(state, body, adapter)) is not None and chosen.chat_template
+    )
+    eot = state.tokenizer.end_of_turn() if chat_like else None
+    return [eot] if eot is not None else []
 
 
 def check_tokens(ids: list[int], vocab_size: int, what: str, param: str) -> None:
@@ -112,7 +152,8 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
     chat = isinstance(body, ChatCompletionRequest)
     started = time.perf_counter()
     adapter = state.registry.resolve(body.model)
-    prompts = prompts_of(state, body)
+    prompts = prompts_of(state, body, adapter)
+    turn_ends = end_of_turn_ids(state, body, adapter)
     if len(prompts) * body.n > state.scheduler.max_queue:  # could never be queued at once: retrying cannot help
         raise APIError(
             400,
@@ -144,6 +185,7 @@ async def complete(state: ServerState, body: CompletionRequest | ChatCompletionR
                 stop=list(body.stop or []),
                 seed=None if body.seed is None else body.seed + index,
                 ignore_eos=body.ignore_eos,
+                stop_token_ids=turn_ends,
             )
 
             def on_event(event: Event, index: int = index) -> None:

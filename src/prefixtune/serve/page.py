@@ -51,7 +51,7 @@ async function loadModels() {
 }
 async function generate() {
   $("output").textContent = ""; $("status").textContent = "streaming";
-  const body = {model: $("model").value, prompt: $("prompt").value, stream: true,
+  const body = {model: $("model").value, prompt: $("prompt").value, stream: true, prompt_format: "adapter",
                 max_tokens: Number($("max_tokens").value), temperature: Number($("temperature").value)};
   const r = await fetch("/v1/completions", {method: "POST", headers: headers(), body: JSON.stringify(body)});
   if (!r.ok) {

@@ -131,6 +131,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False  # the prompt's text (and with logprobs, its tokens' log-probabilities) before the completion
     logprobs: int | None = None  # the log-probability of each token and of the `logprobs` likeliest ones
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:ID", not by text
+    # ours: how text prompts are formatted. "raw" (default, OpenAI's meaning): as sent; "adapter": the named
+    # adapter's saved prompt format (raw where it has none); "plain" / "chat_template": that format
+    prompt_format: Literal["raw", "adapter", "plain", "chat_template"] = "raw"
 
     @field_validator("prompt", mode="before")
     @classmethod

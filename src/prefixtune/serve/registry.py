@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import peft_format
+from .. import data, peft_format
 from ..errors import PrefixTuneError
 from ..model import BASE, PrefixModel, check_adapter_name
 from .protocol import APIError
@@ -30,6 +30,7 @@ class AdapterInfo:
     created: int
     num_virtual_tokens: int
     position_offset: int  # added to the real tokens' positions (PEFT convention: P)
+    prompt_format: dict[str, Any] | None = None  # as saved (prefixtune.prompt_format); None: not recorded
 
 
 class AdapterRegistry:
@@ -77,7 +78,7 @@ class AdapterRegistry:
 
     def models(self) -> list[dict[str, Any]]:
         base = {"id": self.base_name, "object": "model", "created": int(time.time()), "owned_by": "prefixtune"}
-        base |= {"root": self.base_name, "parent": None, "max_model_len": self.max_model_len}
+        base |= {"root": self.base_name, "parent": None, "max_model_len": self.max_model_len, "prompt_format": None}
         listed = [base]
         for info in self.served.values():
             listed.append(
@@ -90,6 +91,7 @@ class AdapterRegistry:
                     "parent": self.base_name,
                     "max_model_len": self.max_model_len - info.position_offset,
                     "num_virtual_tokens": info.num_virtual_tokens,
+                    "prompt_format": info.prompt_format,
                 }
             )
         return listed
@@ -105,6 +107,7 @@ class AdapterRegistry:
         for path in sorted(p for p in self.adapters_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 self._check_new_name(path.name)
+                _saved_format(path)  # a prompt format this version cannot apply: not served
                 self.model.add_adapter(path.name, path, force=self.force)
             except (PrefixTuneError, APIError) as exc:
                 self.rejected[path.name] = str(exc)
@@ -124,6 +127,7 @@ class AdapterRegistry:
         where = self._adapter_path(name, path)
         try:
             await asyncio.to_thread(peft_format.read_prefix, where)  # the files are whole and well-formed
+            await asyncio.to_thread(_saved_format, where)
             await asyncio.wrap_future(
                 self.scheduler.call(lambda: self.model.add_adapter(name, where, force=self.force))
             )
@@ -162,8 +166,24 @@ class AdapterRegistry:
             raise APIError(400, f"adapter paths must be inside {self.adapters_dir}", param="path")
         return where
 
+    def prompt_format(self, adapter: str) -> data.PromptFormat | None:
+        """The format `adapter` was trained with (None for the base model and adapters that do not record one)."""
+        info = self.served.get(adapter)
+        if info is None or info.prompt_format is None:
+            return None
+        return data.PromptFormat.from_saved(info.prompt_format, info.path or adapter)
+
     def _info(self, name: str, path: str | None) -> AdapterInfo:
         config = self.model.adapter_config(name)
         p = config.num_virtual_tokens
         offset = p if config.position_convention == "peft" else 0
-        return AdapterInfo(name, path, int(time.time()), p, offset)
+        return AdapterInfo(name, path, int(time.time()), p, offset, _saved_format(path) if path else None)
+
+
+def _saved_format(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The adapter's prefixtune.prompt_format as a dict, checked: one this version cannot apply is refused."""
+    saved = peft_format.read_prompt_format(path)
+    if saved is None:
+        return None
+    data.PromptFormat.from_saved(saved, str(path))
+    return saved if isinstance(saved, dict) else {"type": saved}

@@ -20,6 +20,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)  # ends the row as the EOS does (a chat's end of turn)
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else random.getrandbits(63)

@@ -375,7 +375,7 @@ class Scheduler:
         request.completion_tokens += 1
         request.next_token = token
         finish = None
-        if token in self.eos_ids and not request.params.ignore_eos:
+        if (token in self.eos_ids or token in request.params.stop_token_ids) and not request.params.ignore_eos:
             finish, text = "stop", request.stream.flush()
         else:
             with self.tokenizer_lock:

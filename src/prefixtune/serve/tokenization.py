@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .. import data
+
 log = logging.getLogger("prefixtune.serve")
 _BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2 byte-level alphabet -> byte
 
@@ -60,6 +62,21 @@ class HttpTokenizer:
             if isinstance(piece, str) and piece and all(c in _BYTE_OF for c in piece):
                 return [_BYTE_OF[c] for c in piece]
         return list(self.token_text(token).encode("utf-8"))
+
+    def formatted(self, text: str, chat_template: bool) -> list[int]:
+        """The ids of `text` in a trained prompt format, built as training built them (data.encode_prompts)."""
+        with self._guard:
+            return data.encode_prompts([text], self.tokenizer, chat_template=chat_template)[0][0]
+
+    def end_of_turn(self) -> int | None:
+        """The chat template's end-of-turn token (None without a template, or one ending turns in plain text)."""
+        if not self.has_chat_template:
+            return None
+        if not hasattr(self, "_end_of_turn"):
+            with self._guard:
+                self._end_of_turn = data.stop_ids(self.tokenizer, True)[-1:] or [None]
+        found = self._end_of_turn[0]
+        return found if found != self.tokenizer.eos_token_id else None
 
     def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         with self._guard:

@@ -24,13 +24,25 @@ STATE = "state.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    """The generators a run draws from (init, data order, dropout), as a checkpoint holds them."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The generators a run draws from (init, data order, dropout), as a checkpoint holds them: torch's CPU
+    generator, Python's, and, where CUDA is initialized, every GPU's (dropout on a GPU draws from those)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one ByteTensor per visible GPU
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`. GPU states are restored where the machine has GPUs: all of them when it has as many
+    as the run that saved them, else those it has (a run moved to a smaller machine); a CPU-only machine skips
+    them (its dropout draws from the CPU generator, which is restored)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        count = min(len(cuda), torch.cuda.device_count())
+        for index in range(count):
+            torch.cuda.set_rng_state(cuda[index], device=index)
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any]) -> Path:

@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import TrainConfig
 from ..data.classify import example_label
+from ..devices import Placement
 from ..errors import PrefixTuneError
 from ..eval.objective import base_of, is_sequence_classifier, model_labels
-from ..models import load_model
+from ..models import load_model, seq2seq_not_in_cli
 from .tasks import TaskData
 
 
@@ -30,9 +32,20 @@ def training_labels(cfg: TrainConfig, task_data: Sequence[TaskData]) -> list[str
     return sorted(x for x in found if x is not None) or None
 
 
-def load_for_training(cfg: TrainConfig, task_data: Sequence[TaskData]) -> tuple[Any, Any]:
-    """The model for a training run: with `--task classify`, an encoder comes with one output per label."""
-    return load_model(cfg.model, labels=training_labels(cfg, task_data))
+def load_for_training(
+    cfg: TrainConfig, task_data: Sequence[TaskData], placement: Placement, dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
+    """The model for a training run, on the placement's device in `dtype` (default the placement's): with
+    `--task classify`, an encoder comes with one output per label. Encoder-decoders are refused (the data pipeline
+    is decoder-only)."""
+    return load_model(
+        cfg.model,
+        labels=training_labels(cfg, task_data),
+        dtype=dtype or placement.dtype,
+        device=placement.device,
+        device_map=placement.device_map,
+        allow_seq2seq=False,
+    )
 
 
 def check_training(cfg: TrainConfig, task_data: Sequence[TaskData], model: nn.Module) -> None:
@@ -41,6 +54,8 @@ def check_training(cfg: TrainConfig, task_data: Sequence[TaskData], model: nn.Mo
     Nothing to check for a language model. A model passed in by the API with transformers' default names
     (LABEL_0, ...) and as many outputs as the data has labels gets the data's labels, sorted.
     """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise seq2seq_not_in_cli(cfg.model, model.config)
     if not is_sequence_classifier(model):
         return
     name = cfg.model

@@ -37,6 +37,7 @@ class Runtime:
     accelerator: Any = None
     rank: int = 0
     world: int = 1
+    local_device: torch.device | None = None  # a single process: where the model takes its inputs (--device)
 
     @property
     def distributed(self) -> bool:
@@ -49,7 +50,9 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+        if self.accelerator is not None:
+            return self.accelerator.device
+        return self.local_device if self.local_device is not None else torch.device("cpu")
 
     @property
     def fsdp(self) -> bool:

@@ -29,18 +29,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import data
+from .. import data, peft_format
 from ..atomic import remove_stale_temp
 from ..config import TrainConfig, save_config
+from ..devices import input_device
 from ..efficiency import enable_gradient_checkpointing
 from ..errors import PrefixTuneError
 from ..eval.likelihood import encoded_batches, summed_losses
-from ..eval.objective import objective_for, pad_token_id
+from ..eval.objective import ClassHead, objective_for, pad_token_id
 from ..methods.registry import build_method, method_spec, parameter_counts, trainable_state_dict
 from . import checkpoint, distributed, tasks
 from .classify import check_training, load_for_training
 from .optim import build_optimizer, grad_norm
-from .run_dir import METRICS, append_metrics, keep_metrics_until, plot_losses, prepare_out
+from .placement import training_placement
+from .run_dir import METRICS, append_metrics, holds_run, keep_metrics_until, plot_losses, prepare_out
 from .step import nonfinite, nonfinite_stop, train_step
 from .tasks import TaskLoop
 
@@ -121,7 +123,13 @@ class Trainer:
         spec = method_spec(cfg.method)
         if runtime.distributed:  # before anything is read or written: every process must run the same job
             runtime.agree("the training settings", {**cfg.to_dict(), "resume": self.resume})
+        # before anything is written: a bad --device or --dtype, a seq2seq --model; full: float32 under autocast
+        self.placement, self.weights_dtype, autocast = training_placement(cfg, runtime, model_and_tokenizer is None)
+        self.autocast_dtype = autocast or self.autocast_dtype
         self.out = runtime.together(lambda: prepare_out(cfg, self.resume) if self.main else Path(cfg.out))
+        if self.resume and not runtime.broadcast(holds_run(self.out) if self.main else None):
+            _say(self.main, f"--resume: {self.out} holds no run yet: starting it")  # even with --quiet
+            self.resume = False
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
@@ -138,12 +146,16 @@ class Trainer:
 
             def load() -> tuple[Any, Any]:
                 with distributed.main_first(runtime):  # process 0 fills the model cache before the others read it
-                    return load_for_training(cfg, task_data)  # classify: an encoder gets one output per label
+                    # classify: an encoder gets one output per label
+                    return load_for_training(cfg, task_data, self.placement, self.weights_dtype)
 
             model_and_tokenizer = runtime.together(load)
         base, self.tokenizer = model_and_tokenizer
+        if not runtime.distributed:  # batches go where the model takes its inputs (a model passed in stays put)
+            runtime.local_device = input_device(base)
         check_training(cfg, task_data, base)
         self.objective = objective_for(base)  # what every step and validation trains and scores on
+        self.prompt_format = data.trained_format(cfg.chat_template, [e for t in task_data for e in t.train])
         self.pad_id = pad_token_id(self.tokenizer)
         self.loops = [self._task_loop(task) for task in task_data]
         self._build_model(base)
@@ -344,15 +356,16 @@ class Trainer:
                     chat_template=cfg.chat_template,
                 )
                 items += [(t.name, b) for b in batches]
-        sums = summed_losses(
-            self.model,
-            self.objective,
-            items,
-            device=runtime.device,
-            rank=runtime.rank,
-            world=runtime.world,
-            lockstep=runtime.fsdp,  # FSDP gathers weights in every forward: each process runs as many
-        )
+        with self._autocast():  # validation computes as the training forward does
+            sums = summed_losses(
+                self.model,
+                self.objective,
+                items,
+                device=runtime.device,
+                rank=runtime.rank,
+                world=runtime.world,
+                lockstep=runtime.fsdp,  # FSDP gathers weights in every forward: each process runs as many
+            )
         self.model.train()
         totals = runtime.sum([x for n in sums for x in sums[n]])
         val_losses = {n: totals[2 * i] / max(totals[2 * i + 1], 1) for i, n in enumerate(sums)}
@@ -405,6 +418,9 @@ class Trainer:
             self.trained.save_trained(self.out)
         else:
             self.trained.save_adapter(self.out / task.name, name=task.name)
+        if not isinstance(self.objective, ClassHead):  # saved so that generate/eval/serve build the same prompts
+            where = self.out if task.name is None else self.out / task.name
+            peft_format.write_prompt_format(where, self.prompt_format.to_dict(self.tokenizer))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.main:

@@ -19,12 +19,16 @@ from ..errors import PrefixTuneError
 from .checkpoint import checkpoint_dir
 
 # Settings that may change between an interrupted run and its --resume; everything else must match.
-RESUMABLE = {"max_steps", "epochs", "log_every", "eval_every", "save_every", "early_stop", "threads", "on_nonfinite"}
+RESUMABLE = {
+    "max_steps", "epochs", "log_every", "eval_every", "save_every", "early_stop", "threads", "on_nonfinite",
+    "device",  # a preempted run may come back on another machine (the dtype must stay: it changes the numbers)
+}  # fmt: skip
 METRICS = "metrics.jsonl"
 
 
 def prepare_out(cfg: TrainConfig, resume: bool) -> Path:
-    """The run directory, checked: writable; with `resume`, a run of the same config; without, no run yet."""
+    """The run directory, checked: writable; with `resume`, a run of the same config or nothing saved yet (then the
+    run starts there: one command can be rerun after a preemption at any moment); without, no run yet."""
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -35,8 +39,10 @@ def prepare_out(cfg: TrainConfig, resume: bool) -> Path:
         raise PrefixTuneError(f"cannot write to output directory {out}: {e.strerror}") from None
     saved = out / "config.yaml"
     if resume:
+        if not holds_run(out):  # nothing saved yet (killed before its first file, or never started): start it
+            return out
         if not saved.is_file():
-            raise PrefixTuneError(f"--resume: {out} holds no run (config.yaml missing)")
+            raise PrefixTuneError(f"--resume: {out} has a checkpoint but no config.yaml; start again in another --out")
         before = yaml.safe_load(saved.read_text()) or {}
         now = cfg.to_dict()
         differ = sorted(k for k in set(before) | set(now) if k not in RESUMABLE and before.get(k) != now.get(k))
@@ -45,6 +51,11 @@ def prepare_out(cfg: TrainConfig, resume: bool) -> Path:
     elif saved.exists() or checkpoint_dir(out) is not None:
         raise PrefixTuneError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     return out
+
+
+def holds_run(out: Path) -> bool:
+    """Whether a run saved anything in `out` yet (its config or a checkpoint): what --resume can continue."""
+    return (out / "config.yaml").exists() or checkpoint_dir(out) is not None
 
 
 def append_metrics(metrics_path: Path, record: dict[str, Any]) -> None:

@@ -49,25 +49,27 @@ def load_tasks(cfg: TrainConfig) -> tuple[list[TaskData], bool]:
     return [_load_single(cfg)], False
 
 
-def _load(cfg: TrainConfig, spec: str, split: str) -> list[data.Example]:
+def _load(cfg: TrainConfig, spec: str, split: str, limit: int | None = None) -> list[data.Example]:
+    """One split of a data set; `limit` caps what a streamed hf: set reads (train_size, eval_size)."""
     return data.load_dataset(
         spec,
         split=None if split == "all" else split,
         data_dir=cfg.data_dir,
         source_field=cfg.source_field,
         target_field=cfg.target_field,
+        limit=limit,
     )
 
 
 def _load_single(cfg: TrainConfig) -> TaskData:
     """A plain run: the same calls, in the same order, with the same messages as before multi-task existed."""
     spec = str(cfg.data)
-    pairs = data.training_pairs(_load(cfg, spec, cfg.train_split))[: cfg.train_size]
+    pairs = data.training_pairs(_load(cfg, spec, cfg.train_split, cfg.train_size))[: cfg.train_size]
     if not pairs:
         raise PrefixTuneError(f"{spec}: no training examples in split {cfg.train_split!r}")
     validation: list[data.Example] = []
     if cfg.eval_every:
-        validation = _load(cfg, spec, cfg.eval_split)[: cfg.eval_size]
+        validation = _load(cfg, spec, cfg.eval_split, cfg.eval_size)[: cfg.eval_size]
         if not validation:
             raise PrefixTuneError(f"{spec}: split {cfg.eval_split!r} is empty; validation needs examples")
     return TaskData(None, pairs, validation)
@@ -76,12 +78,12 @@ def _load_single(cfg: TrainConfig) -> TaskData:
 def _load_named(cfg: TrainConfig, name: str, spec: str) -> TaskData:
     """`--data NAME=SPEC`: the data set as a single-task run on SPEC reads it; every example is task NAME."""
     check_task_name(name)
-    pairs = data.training_pairs(_load(cfg, spec, cfg.train_split))[: cfg.train_size]
+    pairs = data.training_pairs(_load(cfg, spec, cfg.train_split, cfg.train_size))[: cfg.train_size]
     if not pairs:
         raise PrefixTuneError(f"task {name!r} ({spec}) has no training examples in split {cfg.train_split!r}")
     validation: list[data.Example] = []
     if cfg.eval_every:
-        validation = _load(cfg, spec, cfg.eval_split)[: cfg.eval_size]
+        validation = _load(cfg, spec, cfg.eval_split, cfg.eval_size)[: cfg.eval_size]
     for example in (*pairs, *validation):
         example.task = name
     return TaskData(name, pairs, validation)
@@ -126,7 +128,7 @@ def _split_task(cfg: TrainConfig, name: str, examples: list[data.Example]) -> Ta
 
 
 def check_task_name(name: str, where: str | None = None) -> str:
-    """A task name is an adapter name (letters, digits, '_', '.', '-') and not the name of a run file."""
+    """A task name is an adapter name (letters, digits, '_', '-') and not the name of a run file."""
     try:
         check_adapter_name(name)
     except PrefixTuneError as e:

@@ -1,0 +1,130 @@
+"""One worker process of `prefixtune compare`: start it, follow its progress, turn its failure into one line.
+
+Each run (a training cell, or the test scoring of a swept winner) is `python -m prefixtune.compare.worker --job
+JOB.json`; it writes its result file last, so a run whose result file exists is finished and is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrefixTuneError
+
+
+def run_worker(
+    job_path: Path,
+    result_path: Path,
+    tag: str,
+    what: str,
+    metrics: Path,
+    total: int | None,
+    lock_fd: int,
+    progress: bool,
+    launch: Callable[[Path], Any] | None = None,
+) -> dict[str, Any]:
+    """Run the worker on `job_path` in a new process and return the result it wrote (raises on its failure).
+
+    `launch` (tests only) runs the job in this process instead (worker.run_job): the same plan, worker code and
+    files, without the seconds of a new interpreter's imports per run.
+    """
+    run_dir = job_path.parent
+    if launch is not None:
+        say(progress, f"{tag}: {what} in this process")
+        launch(job_path)
+        return json.loads(result_path.read_text())
+    log_path = run_dir / "worker.log"
+    say(progress, f"{tag}: {what} in a new process (log: {log_path})")
+    started = time.perf_counter()
+    seen = _line_count(metrics)
+    log_start = log_path.stat().st_size if log_path.is_file() else 0
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefixtune.compare.worker", "--job", str(job_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(lock_fd,),  # the worker holds the directory lock too, even if this process dies
+        )
+        try:
+            while worker.poll() is None:
+                time.sleep(0.5)
+                seen = _report_progress(progress, tag, metrics, seen, total)
+        except KeyboardInterrupt:  # the worker got the Ctrl-C too: it saves a checkpoint and stops
+            worker.wait()
+            raise
+    name = tag.split("] ", 1)[-1]
+    if worker.returncode != 0:
+        raise PrefixTuneError(f"{name}: {_worker_error(log_path, log_start, worker.returncode)}")
+    result = json.loads(result_path.read_text())
+    scores = result.get("scores") or result.get("select_scores") or {}
+    quality = ", ".join(f"{k} {scores[k]:g}" for k in ("bleu", "rougeL", "accuracy") if k in scores)
+    say(progress, f"{tag}: done in {time.perf_counter() - started:.0f} s ({quality})")
+    return result
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _report_progress(progress: bool, tag: str, metrics: Path, seen: int, total: int | None) -> int:
+    if not metrics.is_file():
+        return seen
+    lines = metrics.read_text().splitlines()
+    for line in lines[seen:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return seen  # a line being written: read it next time
+        if "loss" in record:
+            say(
+                progress,
+                f"{tag}: step {record['step']}/{total} loss {record['loss']:.3f} "
+                f"({record['tokens_per_s']:.0f} tokens/s)",
+            )
+        seen += 1
+    return seen
+
+
+def _worker_error(log: Path, start: int, code: int) -> str:
+    """The worker's own one-line error (from this attempt's part of the log), or what is known of its end."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith("prefixtune: error: "):
+            return line.removeprefix("prefixtune: error: ")
+    why = {130: "interrupted", -2: "interrupted", -9: "killed (out of memory?)"}.get(code, f"exit code {code}")
+    tail = next((line for line in reversed(lines) if line.strip()), "")
+    return f"its worker failed ({why}): {tail[:200]}; see {log}; the same command resumes it"
+
+
+class DirectoryLock:
+    """An exclusive flock on DIR/.compare.lock: two compares on one directory would write the same runs."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".compare.lock"
+
+    def __enter__(self) -> int:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise PrefixTuneError(f"another compare (or its worker) is running in {self.path.parent}") from None
+        return self.fd
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
+
+
+def say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"prefixtune: compare {message}", file=sys.stderr, flush=True)
