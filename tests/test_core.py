@@ -284,4 +284,4 @@ def test_mask_is_widened_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(calls) == 1  # not once per layer
     calls.clear()
     pm.generate(input_ids=IDS[:1], adapter_names=["a"], max_new_tokens=3, do_sample=False)
-    assert len(calls) == 1  # the prompt; the decode steps of a fully visible prefix need no mask
+    assert not calls  # fully visible: a lower-right causal prompt, then decode steps with no mask at all

@@ -21,6 +21,11 @@ from .prefix import LAYER_ATTR, LOCATIONS, PREFIX_IMPLEMENTATIONS, RECORD_KWARG,
 ROLES = LOCATIONS  # a layer's role is the location a prefix there has, in this order
 # Probe lengths: different for encoder and decoder inputs, so a call's (query, key) lengths tell its role.
 _PROBE_ENCODER_TOKENS, _PROBE_DECODER_TOKENS = 3, 2
+# Kernels refused with a prefix, and why (docs/performance.md: measured on torch 2.13 / transformers 5.23, CPU).
+REFUSED_IMPLEMENTATIONS = {
+    "flex_attention": "torch's flex_attention has no backward on CPU and would need a new block mask per call",
+    "flash_attention_2": "its varlen kernel takes no prefix block and is not tested here (needs flash-attn and CUDA)",
+}
 
 
 def _implementation(model: nn.Module) -> str:
@@ -32,6 +37,11 @@ def route_through_prefix(model: nn.Module) -> str:
     current = _implementation(model)
     if current in PREFIX_IMPLEMENTATIONS.values():
         return next(base for base, ours in PREFIX_IMPLEMENTATIONS.items() if ours == current)
+    if current in REFUSED_IMPLEMENTATIONS:
+        raise PrefixTuneError(
+            f"attn_implementation={current!r} cannot take a prefix ({REFUSED_IMPLEMENTATIONS[current]}); load the "
+            "model with attn_implementation='sdpa', whose unmasked prefill runs SDPA's flash/efficient kernels"
+        )
     if current not in PREFIX_IMPLEMENTATIONS:
         raise PrefixTuneError(
             f"{type(model).__name__} uses attn_implementation={current!r}; prefixtune works with 'sdpa' or 'eager' "

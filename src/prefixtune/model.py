@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import peft_format
+from .decode_cache import generate_cache
 from .errors import PrefixTuneError
 from .heads import RowRouter, copy_head, rows_of_call
 from .hf_model import TransformersModelMixin
@@ -286,12 +287,14 @@ class PrefixModel(TransformersModelMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """`transformers` generate (greedy, beam, sampling; KV cache of real tokens only) with per-row prefixes.
+        """`transformers` generate (greedy, beam, sampling) with per-row prefixes; without a cache passed in, each
+        layer's prefix is stored once in front of its cache (decode_cache.py), counted out of its length.
 
         The prefix batch rides in generate's model kwargs, which reach every forward (tensors among them are
         repeated for beams / num_return_sequences, our batch is not: the attention function repeats its rows)."""
         rows = _batch_rows(args, kwargs)
         batch = self.prefix_batch(adapter_names, rows)
+        kwargs.update(generate_cache(self.base_model, self.layout, batch, kwargs))  # the prefix stored once
         with self._heads_routed(adapter_names, rows):
             output = self.base_model.generate(*args, **kwargs, **{BATCH_KWARG: batch})
         if batch.width > 0 and not batch.reached:  # the probe checked forward; a model's own generate could drop it

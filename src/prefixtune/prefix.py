@@ -19,12 +19,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .cache_argument import cache_from
 from .errors import PrefixTuneError
+from .masks import widen_mask as _widen_mask  # a module global: the tests count the dense widenings through it
 
 Init = Literal["random", "vocab", "text"]
 PositionConvention = Literal["peft", "zero"]
@@ -36,6 +38,11 @@ RECORD_KWARG = "prefix_record"  # forward keyword: a list that attention calls a
 LAYER_ATTR = "prefixtune_layer"  # int set on each attention module by the probe: its prefix layer (survives deepcopy)
 # Only while the probe runs: attention calls that arrived without our keyword (a model that drops its kwargs).
 UNROUTED: ContextVar[list[nn.Module] | None] = ContextVar("prefixtune_unrouted", default=None)
+# False: every call takes the general path (dense widened mask, prefix concatenated in every decode step), which
+# the tests compare the fast paths against (lower-right causal SDPA; the prefix kept in the cache, decode_cache.py).
+FAST_PATHS: ContextVar[bool] = ContextVar("prefixtune_fast_paths", default=True)
+_NO_CACHE = "generate with past_key_values=DynamicCache() to keep the prefix out of the cache"
+STORED_ATTR = "prefixtune_stored"  # on keys/values a decode cache returns: the prefix columns in front of them
 
 
 @dataclass
@@ -188,6 +195,8 @@ class PrefixBatch:
     all_visible:   every column of every row at every layer is visible (one adapter or equal lengths, all layers);
     layer_uniform: `visible` is the same at every layer (one widened mask serves all layers);
     has_offsets:   some row's positions are shifted.
+    stored:        the prefix layers whose decode cache (decode_cache.py) stores this batch's prefix in front of
+                   the tokens; shared by the row-repeated copies of the batch.
     The caches below live and die with this call's object, so concurrent calls never share them; `reached` is set
     by the attention function, so a caller can tell that a model passed the batch on (a custom generate might not).
     """
@@ -200,6 +209,7 @@ class PrefixBatch:
     all_visible: bool = False
     layer_uniform: bool = False
     has_offsets: bool = True
+    stored: set[int] = field(default_factory=set, repr=False)
     reached: bool = field(default=False, init=False, repr=False)
     _repeated: dict[int, PrefixBatch] = field(default_factory=dict, init=False, repr=False)
     # The last widened mask: (the model's mask object, facts, widened). Every layer of one forward gets the same
@@ -235,45 +245,24 @@ class PrefixBatch:
         return self._repeated[rows]
 
     def widened_mask(
-        self, layer: int, mask: Tensor | None, query: Tensor, key: Tensor, *, eager: bool, causal: bool
-    ) -> Tensor | None:
-        """`mask` with the prefix columns prepended, or None where the kernel needs no mask at all: a decode step
-        (one query, or a bidirectional layer) with nothing masked, whose prefix columns are all visible."""
-        q_len, kv_len, dtype = query.shape[2], key.shape[2], query.dtype
-        if mask is None and self.all_visible and (q_len == 1 or not causal):
-            return None
+        self, layer: int, mask: Tensor | None, query: Tensor, kv_len: int, *, eager: bool, causal: bool
+    ) -> Tensor | CausalBias | None:
+        """`mask` (over `kv_len` real keys) with the prefix columns prepended, or no dense mask where the kernel
+        needs none: nothing masked and every prefix column visible is None for a decode step (one query) or a
+        bidirectional layer, and SDPA's lower-right causal form for a causal prefill (`eager=False` only): query i
+        sees keys 0..P+i of the P + S, bottom-right alignment, which keeps SDPA's flash/efficient kernels eligible."""
+        q_len, dtype = query.shape[2], query.dtype
+        if mask is None and self.all_visible and FAST_PATHS.get():
+            if q_len == 1 or not causal:
+                return None
+            if not eager:
+                return causal_lower_right(q_len, self.width + kv_len)
         facts = (-1 if self.layer_uniform else layer, q_len, kv_len, dtype, eager, causal)
         if self._widened is not None and self._widened[0] is mask and self._widened[1] == facts:
             return self._widened[2]
         widened = _widen_mask(mask, self.visible[layer], q_len, kv_len, dtype, eager, causal)
         self._widened = (mask, facts, widened)
         return widened
-
-
-def _implicit_mask(q_len: int, kv_len: int, rows: int, causal: bool, device: torch.device) -> Tensor:
-    """(rows, 1, q_len, kv_len) bool: what a skipped (None) mask means; causal ones are bottom-right aligned."""
-    if not causal:
-        return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(rows, 1, q_len, kv_len)
-    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    j = torch.arange(kv_len, device=device)[None, :]
-    return (j <= i)[None, None].expand(rows, 1, q_len, kv_len)
-
-
-def _widen_mask(
-    mask: Tensor | None, visible: Tensor, q_len: int, kv_len: int, dtype: torch.dtype, eager: bool, causal: bool
-) -> Tensor:
-    """Prepend the prefix columns (visible: (B, P)) to a 4D mask. Bool: True = attend; float: additive (0 or min)."""
-    rows, p = visible.shape
-    if mask is None:
-        mask = _implicit_mask(q_len, kv_len, rows, causal, visible.device)
-        if eager:
-            mask = torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~mask, torch.finfo(dtype).min)
-    mask = mask.expand(rows, -1, -1, -1)  # (B, 1|H, T, S)
-    prefix_part = visible[:, None, None, :].expand(rows, mask.shape[1], mask.shape[2], p)  # (B, 1|H, T, P)
-    if mask.dtype != torch.bool:
-        zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
-        prefix_part = zero.masked_fill(~prefix_part, torch.finfo(mask.dtype).min).expand_as(prefix_part)
-    return torch.cat([prefix_part, mask], dim=-1)  # (B, 1|H, T, P + S)
 
 
 def _eager_kernel(module: nn.Module) -> Callable[..., Any]:
@@ -310,15 +299,24 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
             layer: int = getattr(module, LAYER_ATTR)
             batch = prefix_batch.for_rows(key.shape[0])
             if batch.layers is None or layer in batch.layers:
+                stored = getattr(key, STORED_ATTR, None)  # keys from a decode cache with the prefix in front
+                if stored is None and layer in batch.stored:
+                    raise PrefixTuneError(f"{type(module).__name__} altered its cached keys; {_NO_CACHE}")
+                if stored is not None and (stored != batch.width or getattr(value, STORED_ATTR, None) != stored):
+                    raise PrefixTuneError(f"the cache holds {stored} prefix columns, not {batch.width}; {_NO_CACHE}")
+                kv_len = key.shape[2] - (batch.width if stored else 0)
                 causal = kwargs.get("is_causal")
                 causal = getattr(module, "is_causal", True) if causal is None else causal
-                attention_mask = batch.widened_mask(layer, attention_mask, query, key, eager=eager, causal=bool(causal))
                 bias = kwargs.get("position_bias")
-                if isinstance(bias, Tensor) and bias.shape[-1] == key.shape[2]:  # T5: (B|1, H, T, S)
+                biased = isinstance(bias, Tensor) and bias.shape[-1] == kv_len  # T5: (B|1, H, T, S)
+                attention_mask = batch.widened_mask(
+                    layer, attention_mask, query, kv_len, eager=eager or biased, causal=bool(causal)
+                )
+                if biased:
                     kwargs["position_bias"] = nn.functional.pad(bias, (batch.width, 0))  # no bias on the prefix
-                # (B, H_kv, P, D), already in this layer's dtype and on its device (PrefixModel.prefix_batch)
-                key = torch.cat([batch.keys[layer], key], dim=2)  # (B, H_kv, P + S, D)
-                value = torch.cat([batch.values[layer], value], dim=2)
+                if not stored:  # (B, H_kv, P, D), already in this layer's dtype and on its device (prefix_batch)
+                    key = torch.cat([batch.keys[layer], key], dim=2)  # (B, H_kv, P + S, D)
+                    value = torch.cat([batch.values[layer], value], dim=2)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention

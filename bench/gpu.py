@@ -1,0 +1,285 @@
+"""One command for a GPU machine: our prefix against PEFT's and the bare model, on real model shapes, no downloads.
+
+    python bench/gpu.py --json gpu.json               # one H200: SmolLM2-135M, Qwen3-0.6B, Llama-3.2-1B shapes, bf16
+    python bench/gpu.py --quick --json quick.json     # a tiny shape on the CPU, seconds (the test suite runs this)
+    python bench/gpu.py --device cpu --dtype float32 --shapes smollm2-135m --sections decode   # a CPU subset
+
+Models are random-initialized from the real configs written below (so nothing is downloaded; speed does not
+depend on the weights). Sections, each reported under its own key of the JSON:
+- train:    tokens/s of one training step (forward, loss, backward, AdamW) of our prefix and PEFT's (20 virtual
+            tokens, the 512-wide reparameterization MLP on both sides), alternating step by step on the same
+            batches; the ratio two ways: the mechanism alone (ours computes logits at every position, like PEFT)
+            and as shipped (ours: logits on target positions only). Median of the per-step ratios.
+- mfu:      model FLOP utilization of our prefix training on the Llama-3.2-1B shape at 8 x 1024 tokens, against
+            --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
+- generate: greedy tokens/s with a prefix vs the bare model at batch 1 and 8.
+- mixed:    8 adapters mixed in one batch of 8 rows vs the same 8 rows served one adapter at a time.
+- decode:   the cost of a decode step vs cache length: the median of the last 100 steps of a long continuation,
+            bare vs our prefix stored in the cache (decode_cache.py) vs the previous path that concatenated the
+            prefix onto the cache every step, the three in lockstep (step k of each back to back).
+Peak memory (torch.cuda.max_memory_allocated, or ru_maxrss on a CPU) per section. Written for torch >= 2.11 and
+transformers >= 5.17 (the GPU machine's versions): only APIs both have. Not a test: a benchmark on whatever
+machine it runs; the JSON records the machine (lscpu flags, GPU name, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # run from a checkout without installing: prefixtune and bench
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from bench.gpu_models import (  # noqa: E402
+    SHAPES,
+    VIRTUAL_TOKENS,
+    batches,
+    build,
+    machine,
+    matmul_ceiling,
+    ours,
+    peak_memory,
+    peft_prefix,
+    sync,
+    timed_generate,
+    train_step,
+)
+from prefixtune.cache_argument import cache_argument  # noqa: E402
+from prefixtune.decode_cache import generate_cache  # noqa: E402
+from prefixtune.eval import causal_lm_loss  # noqa: E402
+from prefixtune.prefix import BATCH_KWARG  # noqa: E402
+
+SECTIONS = ("train", "mfu", "generate", "mixed", "decode")
+
+
+def section_train(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Ours and PEFT's prefix alternating step by step on the same batches: tokens/s and per-step ratios."""
+    rows, length, steps = args.train_batch
+    vocab = SHAPES[shape][1]["vocab_size"]
+    data = batches(steps + 1, rows, length, vocab, args.device)
+    mine = ours(build(shape, dtype, args.device))
+    mine.train()
+    theirs = peft_prefix(build(shape, dtype, args.device))
+    theirs.train()
+    setups = {
+        "ours_shipped": (mine, lambda b: causal_lm_loss(mine, b, target_only=True)),
+        "ours_all_logits": (mine, lambda b: causal_lm_loss(mine, b, target_only=False)),
+        "peft": (theirs, lambda b: theirs(**b).loss),
+    }
+    optimizers = {
+        "ours": torch.optim.AdamW(mine.trainable_parameters(), lr=1e-4),
+        "peft": torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4),
+    }
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for i, batch in enumerate(data):
+        for name, (model, loss_fn) in setups.items():
+            elapsed = train_step(model, optimizers[name.split("_")[0]], loss_fn, batch, args.device)
+            if i > 0:  # the first batch warms up
+                times[name].append(elapsed)
+    tokens = rows * length
+    out: dict[str, Any] = {"batch": [rows, length], "timed_steps": steps, "virtual_tokens": VIRTUAL_TOKENS}
+    out["tokens_per_s"] = {name: round(tokens / statistics.median(t), 1) for name, t in times.items()}
+    peft_times = times["peft"]
+    out["ratio_vs_peft"] = {
+        "shipped": round(statistics.median(p / o for p, o in zip(peft_times, times["ours_shipped"])), 3),
+        "mechanism": round(statistics.median(p / o for p, o in zip(peft_times, times["ours_all_logits"])), 3),
+    }
+    return out
+
+
+def section_mfu(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Model FLOPs of our prefix training step (frozen base: forward + activation gradients) per second."""
+    rows, length, steps = args.mfu_batch
+    config = SHAPES[shape][1]
+    model = ours(build(shape, dtype, args.device))
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    data = batches(steps + 1, rows, length, config["vocab_size"], args.device)
+    times = [train_step(model, optimizer, lambda b: causal_lm_loss(model, b), b, args.device) for b in data][1:]
+    base = model.base_model
+    n_head = base.get_output_embeddings().weight.numel()
+    n_lin = sum(
+        m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
+    tokens, targets = rows * length, rows * (length - int(length * 0.55))
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    pairs = rows * sum(VIRTUAL_TOKENS + i + 1 for i in range(length))  # causal, prefix columns included
+    attention = 4 * config["num_hidden_layers"] * heads * head_dim * pairs
+    flops = 2 * (2 * n_lin * tokens + 2 * n_head * targets) + 3 * attention
+    achieved = flops / statistics.median(times)
+    ceiling = matmul_ceiling(dtype, args.device, 8192 if args.device.startswith("cuda") else 512)
+    return {
+        "batch": [rows, length],
+        "step_s": round(statistics.median(times), 4),
+        "model_tflops_per_s": round(achieved / 1e12, 2),
+        "mfu_of_peak": round(achieved / (args.peak_tflops * 1e12), 4),
+        "peak_tflops": args.peak_tflops,
+        "matmul_tflops_measured": round(ceiling / 1e12, 2),
+        "mfu_of_measured_matmul": round(achieved / ceiling, 4),
+    }
+
+
+def section_generate(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    prompt, new, repeats = args.gen
+    bare = build(shape, dtype, args.device)
+    mine = ours(build(shape, dtype, args.device))
+    vocab = SHAPES[shape][1]["vocab_size"]
+    out: dict[str, Any] = {"prompt_tokens": prompt, "new_tokens": new}
+    with torch.no_grad():
+        for rows in (1, 8):
+            ids = torch.randint(3, vocab, (rows, prompt), generator=torch.Generator().manual_seed(rows)).to(args.device)
+            times: dict[str, list[float]] = {"bare": [], "ours": []}
+            for model in (bare, mine):
+                timed_generate(model, ids, 2, args.device)  # warm up
+            for r in range(repeats):
+                for name in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+                    times[name].append(timed_generate(bare if name == "bare" else mine, ids, new, args.device))
+            rates = {name: round(rows * new / statistics.median(t), 1) for name, t in times.items()}
+            out[f"b{rows}"] = {"tokens_per_s": rates, "ours_over_bare": round(rates["ours"] / rates["bare"], 3)}
+    return out
+
+
+def section_mixed(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """8 rows, each its own adapter: one generate over the mixed batch vs one generate per adapter."""
+    prompt, new, repeats = args.gen
+    mine = ours(build(shape, dtype, args.device), adapters=8, reparameterize=False)
+    vocab = SHAPES[shape][1]["vocab_size"]
+    ids = torch.randint(3, vocab, (8, prompt), generator=torch.Generator().manual_seed(8)).to(args.device)
+    names = [f"a{i}" for i in range(8)]
+    mixed, apart = [], []
+    with torch.no_grad():
+        timed_generate(mine, ids, 2, args.device, adapter_names=names)
+        for _ in range(repeats):
+            mixed.append(timed_generate(mine, ids, new, args.device, adapter_names=names))
+            apart.append(
+                sum(
+                    timed_generate(mine, ids[i : i + 1], new, args.device, adapter_names=[n])
+                    for i, n in enumerate(names)
+                )
+            )
+    return {
+        "adapters": 8,
+        "mixed_tokens_per_s": round(8 * new / statistics.median(mixed), 1),
+        "one_at_a_time_tokens_per_s": round(8 * new / statistics.median(apart), 1),
+        "speedup": round(statistics.median(apart) / statistics.median(mixed), 3),
+    }
+
+
+def section_decode(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Seconds of one decode step as the cache grows (batch 1, greedy): the bare model, ours (the prefix stored
+    once in the cache, decode_cache.py) and ours with a plain cache (the prefix concatenated onto it every step,
+    the path before), in lockstep: step k of each runs back to back, so machine load hits all three alike."""
+    length, last = args.decode
+    bare = build(shape, dtype, args.device)
+    mine = ours(build(shape, dtype, args.device))
+    vocab = SHAPES[shape][1]["vocab_size"]
+    ids = torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(2)).to(args.device)
+    name_of_cache = cache_argument(type(bare))
+    stored_batch, copy_batch = mine.prefix_batch(["a0"], 1), mine.prefix_batch(["a0"], 1)
+    runs = {
+        "bare": (bare, {}, tf.DynamicCache()),
+        "ours": (
+            mine.base_model,
+            {BATCH_KWARG: stored_batch},
+            generate_cache(mine.base_model, mine.layout, stored_batch, {})[name_of_cache],
+        ),
+        "ours_copy_each_step": (mine.base_model, {BATCH_KWARG: copy_batch}, tf.DynamicCache()),
+    }
+    tokens = {name: ids for name in runs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    with torch.no_grad():
+        for step in range(length + 1):  # step 0 is the prefill
+            for name in order[step % 3 :] + order[: step % 3]:
+                model, extra, cache = runs[name]
+                sync(args.device)
+                start = time.perf_counter()
+                logits = model(input_ids=tokens[name], use_cache=True, **{name_of_cache: cache}, **extra).logits
+                tokens[name] = logits[:, -1:].argmax(-1)
+                sync(args.device)
+                if step:
+                    times[name].append(time.perf_counter() - start)
+    out: dict[str, Any] = {"continuation": length, "window": last, "prompt_tokens": ids.shape[1]}
+    for name, steps in times.items():
+        out[name] = {
+            "first_ms": round(1000 * statistics.median(steps[:last]), 3),
+            "last_ms": round(1000 * statistics.median(steps[-last:]), 3),
+        }
+    for name in ("ours", "ours_copy_each_step"):
+        out[f"{name}_over_bare_last"] = round(out[name]["last_ms"] / out["bare"]["last_ms"], 3)
+    out["cache_lengths"] = {name: runs[name][2].get_seq_length() for name in runs}
+    return out
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny shape on the CPU, tiny sizes: seconds")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on cuda")
+    parser.add_argument("--shapes", default=None, help="comma-separated, from " + ", ".join(SHAPES))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from " + ", ".join(SECTIONS))
+    parser.add_argument("--mfu-shape", default="llama-3.2-1b")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="the H200's measured bf16 matmul rate")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--decode-length", type=int, default=1024, help="the long continuation of the decode section")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device = args.device or "cpu"
+        args.shapes, args.mfu_shape = args.shapes or "tiny", "tiny"
+        args.train_batch, args.mfu_batch, args.gen, args.decode = (2, 16, 2), (1, 32, 1), (4, 4, 1), (12, 4)
+        args.threads = args.threads or 1
+    else:
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.shapes = args.shapes or "smollm2-135m,qwen3-0.6b,llama-3.2-1b"
+        gpu = args.device.startswith("cuda")
+        args.train_batch = (8, 1024, 10) if gpu else (8, 64, 6)
+        args.mfu_batch = (8, 1024, 10) if gpu else (2, 256, 3)
+        args.gen = (64, 64, 3) if gpu else (32, 32, 3)
+        args.decode = (args.decode_length, 100)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES] + [
+        s for s in args.sections.split(",") if s not in SECTIONS
+    ]
+    if unknown:
+        parser.error(f"unknown shapes or sections {unknown}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    started = time.time()
+    result: dict[str, Any] = {"command": sys.argv, "machine": machine(args.device), "dtype": args.dtype}
+    sections = args.sections.split(",")
+    for section in sections:
+        shapes = [args.mfu_shape] if section == "mfu" else args.shapes.split(",")
+        for shape in shapes:
+            if section == "decode" and not args.quick and len(shapes) > 1 and shape != shapes[0]:
+                continue  # one shape is enough to see the slope; the first one listed
+            entry: dict[str, Any] = {}
+            with peak_memory(entry, args.device):
+                entry.update(globals()[f"section_{section}"](args, shape, dtype))
+            result.setdefault(section, {})[shape] = entry
+            print(json.dumps({section: {shape: entry}}), flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    result["seconds"] = round(time.time() - started, 1)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

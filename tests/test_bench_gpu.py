@@ -1,0 +1,40 @@
+"""bench/gpu.py (the one-command GPU benchmark) runs on the CPU with --quick and writes every section's figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"machine", "dtype", "seconds", "train", "mfu", "generate", "mixed", "decode"} <= set(result)
+    assert "cpu_flags" in result["machine"] and result["dtype"] == "float32"
+    train = result["train"]["tiny"]
+    assert set(train["ratio_vs_peft"]) == {"shipped", "mechanism"} and all(
+        v > 0 for v in train["ratio_vs_peft"].values()
+    )
+    assert set(train["tokens_per_s"]) == {"ours_shipped", "ours_all_logits", "peft"}
+    assert result["mfu"]["tiny"]["model_tflops_per_s"] >= 0 and result["mfu"]["tiny"]["step_s"] > 0
+    for rows in ("b1", "b8"):
+        assert result["generate"]["tiny"][rows]["ours_over_bare"] > 0
+    assert result["mixed"]["tiny"]["speedup"] > 0
+    decode = result["decode"]["tiny"]
+    for name in ("bare", "ours", "ours_copy_each_step"):
+        assert decode[name]["last_ms"] > 0
+    assert all("peak_rss_mb" in entry for entry in result["decode"].values())
