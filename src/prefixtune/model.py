@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from . import peft_format
 from .decode_cache import generate_cache
+from .encoders import load_encoder, new_encoder
 from .errors import PrefixTuneError
 from .heads import RowRouter, copy_head, rows_of_call
 from .hf_model import TransformersModelMixin
@@ -33,12 +33,11 @@ from .layers import (
     layer_places,
     place_per_layer,
     probe_attention_layers,
-    record_key_values,
     release_layers,
     restore_implementation,
     route_through_prefix,
 )
-from .locations import describe_layers, resolve, saved_parts
+from .locations import resolve
 from .prefix import BATCH_KWARG, RECORD_KWARG, PrefixBatch, PrefixConfig, PrefixEncoder, offset_positions
 
 BASE = "__base__"  # in adapter_names: this row uses no prefix (PEFT's convention)
@@ -201,60 +200,13 @@ class PrefixModel(TransformersModelMixin, nn.Module):
         return name
 
     def _new_encoder(self, config: PrefixConfig) -> PrefixEncoder:
-        lay = self.layout
-        init_kv = self._initial_kv(config)
-        return PrefixEncoder(config, init_kv.shape[0], lay.num_kv_heads, lay.head_dim, init_kv)
-
-    def _initial_kv(self, config: PrefixConfig) -> torch.Tensor:
-        """(L_cov, 2, H_kv, P, D) over the layers at the config's locations."""
-        lay, p = self.layout, config.num_virtual_tokens
-        layers = lay.layers_of(config.locations or ROLES)
-        if config.init == "random" or p == 0:
-            return torch.randn(len(layers), 2, lay.num_kv_heads, p, lay.head_dim)
-        device = next(self.base_model.parameters()).device
-        if config.init == "vocab":
-            vocab = self.base_model.get_input_embeddings().weight.shape[0]
-            if self.tokenizer is not None:
-                vocab = min(vocab, len(self.tokenizer))
-            ids = torch.randint(0, vocab, (1, p))
-        else:
-            if self.tokenizer is None:
-                raise PrefixTuneError("init='text' needs a tokenizer: attach(model, config, tokenizer=tokenizer)")
-            text_ids = self.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
-            if not text_ids:
-                raise PrefixTuneError(f"init_text {config.init_text!r} has no tokens")
-            ids = torch.tensor(text_ids * (p // len(text_ids) + 1))[:p].unsqueeze(0)
-        return record_key_values(self.base_model, ids.to(device))[layers].cpu()
+        return new_encoder(self.base_model, self.layout, self.tokenizer, config)
 
     def _load_encoder(
         self, path: str | os.PathLike[str], force: bool
     ) -> tuple[PrefixEncoder, dict[str, torch.Tensor] | None, list[str] | None]:
         """A saved prefix as a new adapter, its head's saved weights and label names (if it has a head)."""
-        saved = peft_format.read_prefix(path)
-        lay = self.layout
-        here = peft_format.model_name(self.base_model)
-        parts = saved_parts(saved, self.base_model, self.layout)
-        _, _, heads, _, dim = next(iter(parts.values())).shape
-        theirs = {loc: kv.shape[0] for loc, kv in parts.items()}
-        ours = {loc: len(lay.layers_of((loc,))) for loc in parts}
-        if theirs != ours or (heads, dim) != (lay.num_kv_heads, lay.head_dim):
-            raise PrefixTuneError(
-                f"adapter {saved.path} was made for {saved.base} ({describe_layers(theirs)}, {heads} KV heads, "
-                f"head dim {dim}); this model {here} has {describe_layers(ours)}, {lay.num_kv_heads} KV heads, "
-                f"head dim {lay.head_dim}"
-            )
-        if saved.base_fingerprint is not None and saved.base_fingerprint != self.fingerprint and not force:
-            raise PrefixTuneError(
-                f"adapter {saved.path} was trained on {saved.base} (fingerprint "
-                f"{saved.base_fingerprint.get('embedding_sha256')}), not on this model {here} "
-                f"({self.fingerprint['embedding_sha256']}); pass force=True (--force) to load it anyway"
-            )
-        # A saved prefix is the collapsed direct form; it keeps training as such.
-        head = saved.config.head if saved.head is not None else None
-        config = replace(saved.config, reparameterize=False, locations=tuple(parts), head=head)
-        config = resolve(self.base_model, lay, config)
-        kv = lay.join(parts, config.locations)
-        return PrefixEncoder(config, kv.shape[0], lay.num_kv_heads, lay.head_dim, kv), saved.head, saved.labels
+        return load_encoder(self.base_model, self.layout, self.fingerprint, path, force=force)
 
     # ----- calls --------------------------------------------------------------------------------------------
 

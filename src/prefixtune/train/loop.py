@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,42 +39,11 @@ from .classify import check_training, load_for_training
 from .optim import build_optimizer, grad_norm
 from .placement import training_placement
 from .run_dir import METRICS, append_metrics, holds_run, keep_metrics_until, plot_losses, prepare_out
+from .run_state import Interrupted, LogWindow, TrainResult, ctrl_c_at_step_boundary
 from .step import nonfinite, nonfinite_stop, train_step
 from .tasks import TaskLoop
 
 NO_GAIN = "without improvement"
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training; a checkpoint was saved first. The CLI exits 130."""
-
-
-@dataclass
-class TrainResult:
-    model: Any  # the trained method's model (a TrainableModel)
-    out: Path
-    steps: int
-    best_val_loss: float | None
-    stopped_early: bool
-    trainable_params: int
-    total_params: int
-    train_seconds: float
-    tasks: dict[str, dict[str, Any]] | None = None  # multi-task: name -> steps, best_val_loss, stopped_early
-    skipped_steps: int = 0  # steps whose loss or gradient was not finite (on_nonfinite=skip): no update made
-
-
-@dataclass
-class LogWindow:
-    """What the next metrics.jsonl line sums; a checkpoint holds it, so a resumed run logs the same line."""
-
-    loss: float = 0.0
-    tokens: int = 0
-    skipped: int = 0  # steps of the window skipped for a non-finite loss or gradient
-    by_task: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    def state(self) -> list[Any]:
-        return [self.loss, self.tokens, self.skipped, self.by_task]
 
 
 def train(
@@ -247,7 +212,7 @@ class Trainer:
         )
         self.window.started = time.perf_counter()
         self.model.train()
-        with _ctrl_c_at_step_boundary() as interrupted:
+        with ctrl_c_at_step_boundary() as interrupted:
             while self.step < self.total_steps:
                 active = [t for t in loops if t.trains_at(self.step)]
                 if not active:
@@ -436,28 +401,6 @@ class Trainer:
         return TrainResult(
             self.trained, self.out, self.step, best, stopped, *counts, self.elapsed, summary, self.skipped
         )
-
-
-@contextmanager
-def _ctrl_c_at_step_boundary() -> Iterator[threading.Event]:
-    """The first Ctrl-C sets an event that the loop checks between steps (so the checkpoint it saves is
-    consistent: no half-applied optimizer step); a second Ctrl-C interrupts at once, saving nothing."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-        print("\nprefixtune: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _say(enabled: bool, message: str) -> None:
