@@ -52,6 +52,7 @@ from bench.gpu_models import (  # noqa: E402
     timed_generate,
     train_step,
 )
+from prefixtune.atomic import atomic_write_bytes  # noqa: E402
 from prefixtune.cache_argument import cache_argument  # noqa: E402
 from prefixtune.decode_cache import generate_cache  # noqa: E402
 from prefixtune.eval import causal_lm_loss  # noqa: E402
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.cuda.empty_cache()
     result["seconds"] = round(time.time() - started, 1)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

@@ -8,5 +8,5 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
     || echo "scripts/test.sh: could not install chromium; the browser test will be skipped" >&2
 fi
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests bench examples
 exec .venv/bin/python -m pytest "$@"

@@ -317,6 +317,21 @@ def test_seq2seq_loads_as_seq2seq_never_as_a_causal_lm(bart_dir: Path) -> None:
         models.load_model(str(bart_dir), allow_seq2seq=False)
 
 
+def test_tied_weights_left_on_meta_are_tied_again(bart_dir: Path) -> None:
+    """The state transformers 5.23's loader sometimes leaves late in a long process (tied weights on meta) is
+    repaired by tying each target to its source; a weight with no source still on meta is our error."""
+    model, _ = models.load_model(str(bart_dir))
+    shared = model.model.shared.weight
+    for embedding in (model.model.encoder.embed_tokens, model.model.decoder.embed_tokens, model.lm_head):
+        embedding.weight = torch.nn.Parameter(torch.empty_like(shared, device="meta"))
+    models._materialize_tied_weights(model, bart_dir)
+    assert model.model.encoder.embed_tokens.weight is shared and model.model.decoder.embed_tokens.weight is shared
+    assert model.lm_head.weight is shared
+    model.model.encoder.layers[0].fc1.weight = torch.nn.Parameter(torch.empty_like(shared, device="meta"))
+    with pytest.raises(PrefixTuneError, match="loaded without weights for model.encoder.layers.0.fc1.weight"):
+        models._materialize_tied_weights(model, bart_dir)
+
+
 def test_seq2seq_is_refused_by_the_cli_in_one_line(bart_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     commands = [

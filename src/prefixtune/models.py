@@ -280,15 +280,24 @@ def _load_directory(
 
 
 def _materialize_tied_weights(model: Any, directory: Any) -> None:
-    """A tied LM head (absent from the file) is sometimes left on the meta device by transformers 5.23's loader,
-    late in a long test process (2 of 6 full-suite runs): generation then returns garbage. Tie it again; any
-    other weight still on meta is an error, never silent garbage."""
-    if any(p.is_meta for p in model.parameters()) and getattr(model.config, "tie_word_embeddings", False):
-        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-        if head is not None and embeddings is not None and head.weight.is_meta:
-            # directly, not model.tie_weights(): in the failing suite runs that left the head on meta too (it reads
-            # the class-level `_tied_weights_keys`; whether that state was what went wrong is not confirmed)
-            head.weight = embeddings.weight
+    """A tied weight (absent from the file: an LM head, BART's encoder/decoder embeddings) is sometimes left on the
+    meta device by transformers 5.23's loader late in a long test process (an LM head in 2 of 6 full-suite runs,
+    BART's embeddings once since): generation then returns garbage. Tie each such target to its source again,
+    directly (model.tie_weights() left the head on meta too in those runs); any other weight still on meta is an
+    error, never silent garbage. The cause inside the loader is not found."""
+    if any(p.is_meta for p in model.parameters()):
+        tied = {}
+        if hasattr(model, "get_expanded_tied_weights_keys"):
+            tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for target, source in tied.items():
+            if target in params and source in params and params[target].is_meta and not params[source].is_meta:
+                owner, _, attribute = target.rpartition(".")
+                setattr(model.get_submodule(owner), attribute, params[source])
+        if getattr(model.config, "tie_word_embeddings", False):
+            head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+            if head is not None and embeddings is not None and head.weight.is_meta:
+                head.weight = embeddings.weight
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise PrefixTuneError(f"the model in {directory} loaded without weights for {', '.join(meta[:3])}")
