@@ -232,6 +232,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the H200's measured bf16 matmul rate")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--decode-length", type=int, default=1024, help="the long continuation of the decode section")
+    parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per model (default 3)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -245,7 +246,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         gpu = args.device.startswith("cuda")
         args.train_batch = (8, 1024, 10) if gpu else (8, 64, 6)
         args.mfu_batch = (8, 1024, 10) if gpu else (2, 256, 3)
-        args.gen = (64, 64, 3) if gpu else (32, 32, 3)
+        args.gen = (64, 64, args.repeats or 3) if gpu else (32, 32, args.repeats or 3)
         args.decode = (args.decode_length, 100)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES] + [
