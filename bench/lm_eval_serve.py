@@ -39,22 +39,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import prefixtune
 from prefixtune.model import PrefixModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from lm_eval_tasks import TASKS, write_tasks  # noqa: E402  # the same two tasks the test runs
+
 CORPUS = [
     "the cat sat on the mat and the dog ran in the park",
     "A coffee shop in the city centre area called Blue Spice.",
     "The Golden Curry is a family friendly restaurant near the river.",
 ]
-ROWS = [
-    {"question": "the cat sat on the", "choices": ["mat", "dog", "park"], "answer": 0},
-    {"question": "A coffee shop in the city", "choices": ["centre", "area"], "answer": 1},
-    {"question": "The Golden Curry is a family friendly", "choices": ["restaurant", "river", "shop"], "answer": 0},
-]
-TASKS = {
-    "pt_choice": "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-    "doc_to_target: answer\nmetric_list:\n  - metric: acc\n",
-    "pt_gen": "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{choices[answer]}}'\n"
-    "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n",
-}
 
 
 def tiny_model(directory: Path, adapters: Path, adapter: str) -> None:
@@ -91,17 +83,6 @@ def tiny_model(directory: Path, adapters: Path, adapter: str) -> None:
     wrapped = PrefixModel(model)
     wrapped.add_adapter(adapter, prefixtune.PrefixConfig(num_virtual_tokens=5, reparameterize=False, init="random"))
     wrapped.save_adapter(adapters / adapter, adapter)
-
-
-def write_tasks(directory: Path) -> None:
-    data = directory / "pt.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    for name, body in TASKS.items():
-        head = (
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-            f"  cache_dir: {directory / 'cache'}\ntest_split: test\n"
-        )
-        (directory / f"{name}.yaml").write_text(head + body)
 
 
 def free_port() -> int:

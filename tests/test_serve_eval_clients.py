@@ -22,6 +22,7 @@ import torch
 import transformers as tf
 from lm_eval.tasks import TaskManager
 
+from lm_eval_tasks import CHOICES, TASKS, write_tasks
 from prefixtune.model import BASE, PrefixModel
 from prefixtune.serve import create_app
 from prefixtune.serve.sampling import TextStream
@@ -471,36 +472,10 @@ def test_a_tokenizer_that_cannot_be_copied_is_shared(served: dict[str, Any]) -> 
 
 # ----- lm-evaluation-harness -------------------------------------------------------------------------------------
 
-CHOICES = [
-    {"question": "the cat sat on the", "choices": ["mat", "dog", "park"], "answer": 0},
-    {"question": "A coffee shop in the city", "choices": ["centre", "area"], "answer": 1},
-    {"question": "The Golden Curry is a family friendly", "choices": ["restaurant", "river", "shop"], "answer": 0},
-]
-TASKS = {
-    "pt_choice": "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-    "doc_to_target: answer\nmetric_list:\n  - metric: acc\n",
-    "pt_gen": "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{choices[answer]}}'\n"
-    "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n",
-}
-
-
 def tokenize_calls(served: dict[str, Any]) -> float:
     metrics = httpx.get(served["server"].url + "/metrics").text
     line = 'prefixtune_requests_total{route="/tokenize",status="200"} '
     return sum(float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line))
-
-
-def lm_eval_tasks(directory: Path) -> Path:
-    """Two tiny lm-eval tasks over a local JSONL file (the `json` data set builder, its cache in `directory`)."""
-    data = directory / "pt.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in CHOICES))
-    for name, body in TASKS.items():
-        head = (
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-            f"  cache_dir: {directory / 'cache'}\ntest_split: test\n"
-        )
-        (directory / f"{name}.yaml").write_text(head + body)
-    return directory
 
 
 @pytest.mark.parametrize("tokenizer_args", ["", ",tokenizer={dir},tokenizer_backend=huggingface"])
@@ -516,7 +491,7 @@ def test_lm_eval_local_completions(served: dict[str, Any], tmp_path: Path, token
         model="local-completions",
         model_args=model_args,
         tasks=list(TASKS),
-        task_manager=TaskManager(include_path=str(lm_eval_tasks(tmp_path)), include_defaults=False),
+        task_manager=TaskManager(include_path=str(write_tasks(tmp_path)), include_defaults=False),
         log_samples=True,
         random_seed=None,  # leave this process's random generators alone (they do not reach the requests)
         numpy_random_seed=None,
