@@ -28,7 +28,7 @@ from .cache_argument import cache_from
 from .errors import PrefixTuneError
 from .masks import widen_mask as _widen_mask  # a module global: the tests count the dense widenings through it
 
-Init = Literal["random", "vocab", "text"]
+Init = Literal["random", "vocab", "text", "data"]
 PositionConvention = Literal["peft", "zero"]
 # Where a prefix can go: encoder self-attention, decoder self-attention, decoder cross-attention (over the encoder).
 LOCATIONS = ("encoder", "decoder", "cross")
@@ -53,7 +53,9 @@ class PrefixConfig:
     reparameterize:     train through Li & Liang's tanh MLP (collapsed to the direct form when saved).
     projection_dim:     k, the width of the (P, k) matrix and of the MLP's hidden layer (paper: 512).
     init:               "random" (N(0, 1) as PEFT), "vocab" (the frozen model's keys/values for sampled
-                        vocabulary tokens) or "text" (its keys/values for `init_text`: real-word activations).
+                        vocabulary tokens), "text" (its keys/values for `init_text`: real-word activations) or
+                        "data" (as "text", for a description `prefixtune train` derives from the training data:
+                        the words most inputs share, e.g. E2E's field names; data/describe.py).
     init_text:          the text for init="text", e.g. "table-to-text:"; tiled or cut to P tokens.
     position_convention: "peft" puts real tokens at positions P..P+T-1 (PEFT and the original code);
                         "zero" keeps them at 0..T-1. Decoder-only models only: encoder and encoder-decoder
@@ -98,7 +100,7 @@ class PrefixConfig:
             (_is_int(p) and p >= 0, "num_virtual_tokens must be an integer >= 0"),
             (_is_int(k) and k >= 1, "projection_dim must be an integer >= 1"),
             (isinstance(self.reparameterize, bool), "reparameterize must be true or false"),
-            (self.init in ("random", "vocab", "text"), "init must be 'random', 'vocab' or 'text'"),
+            (self.init in ("random", "vocab", "text", "data"), "init must be 'random', 'vocab', 'text' or 'data'"),
             (self.position_convention in ("peft", "zero"), "position_convention must be 'peft' or 'zero'"),
             (
                 isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1,
@@ -111,6 +113,11 @@ class PrefixConfig:
                 raise PrefixTuneError(f"{message}, got {getattr(self, field_name)!r}")
         if self.init == "text" and not self.init_text:
             raise PrefixTuneError("init='text' needs init_text, e.g. init_text='table-to-text:'")
+        if self.init == "data" and not self.init_text:
+            raise PrefixTuneError(
+                "init='data' takes its text from the training data, which `prefixtune train` derives; "
+                "outside training give init_text (or use init='text')"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

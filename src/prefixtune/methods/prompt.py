@@ -28,14 +28,15 @@ from .. import atomic, peft_format
 from ..errors import PrefixTuneError
 from ..model import BASE, check_adapter_name
 
-PromptInit = Literal["random", "vocab", "text"]
+PromptInit = Literal["random", "vocab", "text", "data"]
 
 
 @dataclass
 class PromptConfig:
     """num_virtual_tokens: P soft tokens. init: "random" (normal, scaled like the embedding matrix), "vocab"
     (embeddings of sampled vocabulary tokens; Lester et al. found vocabulary/text inits beat random) or "text"
-    (embeddings of `init_text`, tiled or cut to P tokens)."""
+    (embeddings of `init_text`, tiled or cut to P tokens) or "data" (as "text", for a description `prefixtune
+    train` derives from the training data; data/describe.py)."""
 
     num_virtual_tokens: int = 20
     init: PromptInit = "vocab"
@@ -49,10 +50,15 @@ class PromptConfig:
         p = self.num_virtual_tokens
         if not isinstance(p, int) or isinstance(p, bool) or p < 1:
             raise PrefixTuneError(f"num_virtual_tokens must be an integer >= 1, got {self.num_virtual_tokens!r}")
-        if self.init not in ("random", "vocab", "text"):
-            raise PrefixTuneError(f"init must be 'random', 'vocab' or 'text', got {self.init!r}")
+        if self.init not in ("random", "vocab", "text", "data"):
+            raise PrefixTuneError(f"init must be 'random', 'vocab', 'text' or 'data', got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise PrefixTuneError("init='text' needs init_text, e.g. init_text='table-to-text:'")
+        if self.init == "data" and not self.init_text:
+            raise PrefixTuneError(
+                "init='data' takes its text from the training data, which `prefixtune train` derives; "
+                "outside training give init_text (or use init='text')"
+            )
 
 
 class PromptModel(nn.Module):

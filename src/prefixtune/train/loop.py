@@ -123,7 +123,7 @@ class Trainer:
         self.prompt_format = data.trained_format(cfg.chat_template, [e for t in task_data for e in t.train])
         self.pad_id = pad_token_id(self.tokenizer)
         self.loops = [self._task_loop(task) for task in task_data]
-        self._build_model(base)
+        self._build_model(base, task_data)
         self.total_steps = max(t.total_steps for t in self.loops)
         self.window.by_task = {t.name: 0.0 for t in self.loops if t.name is not None}
         state = self._resume_state()
@@ -150,13 +150,14 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         return TaskLoop(task.name, encoded, task.validation, per_epoch, total)
 
-    def _build_model(self, base: Any) -> None:
+    def _build_model(self, base: Any, task_data: list[tasks.TaskData]) -> None:
         """The method on `base` (one adapter per task), its parameter counts, the optimizer and schedule."""
         cfg = self.cfg
         init_rng = torch.get_rng_state()
-        model = build_method(cfg.method, base, cfg.options, self.tokenizer)
+        options = data.fill_init_text(cfg.options, task_data[0].train)  # init="data": text from the data
+        model = build_method(cfg.method, base, options, self.tokenizer)
         if self.multitask:
-            tasks.add_task_adapters(model, cfg, self.loops, init_rng)  # each task's parameters
+            tasks.add_task_adapters(model, cfg, self.loops, init_rng, task_data)  # each task's parameters
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.trainable_params, self.total_params = parameter_counts(model)

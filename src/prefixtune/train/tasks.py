@@ -208,8 +208,11 @@ class TaskLoop:
         )
 
 
-def add_task_adapters(model: Any, cfg: TrainConfig, loops: list[TaskLoop], init_rng: torch.Tensor) -> None:
-    """One adapter per task, each initialized from the RNG state its own single-task run would start from.
+def add_task_adapters(
+    model: Any, cfg: TrainConfig, loops: list[TaskLoop], init_rng: torch.Tensor, task_data: Sequence[TaskData]
+) -> None:
+    """One adapter per task, each initialized from the RNG state its own single-task run would start from (and,
+    for init="data", from a description of its own training data).
 
     The method builds its first adapter ("default"); it is removed (or frozen, where the method cannot remove
     one), so that only the tasks' adapters train.
@@ -220,10 +223,10 @@ def add_task_adapters(model: Any, cfg: TrainConfig, loops: list[TaskLoop], init_
             "use --method prefix or prompt, or train one task at a time"
         )
     default = list(model.trainable_parameters())
-    for t in loops:
+    for t, task in zip(loops, task_data, strict=True):
         torch.set_rng_state(init_rng)
         before = {id(p) for p in model.trainable_parameters()}
-        model.add_adapter(t.name, make_config(cfg.method, cfg.options))
+        model.add_adapter(t.name, make_config(cfg.method, data.fill_init_text(cfg.options, task.train)))
         t.params = [p for p in model.trainable_parameters() if id(p) not in before]
     if hasattr(model, "delete_adapter"):
         model.delete_adapter("default")
