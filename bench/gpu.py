@@ -12,7 +12,8 @@ depend on the weights). Sections, each reported under its own key of the JSON:
             and as shipped (ours: logits on target positions only). Median of the per-step ratios.
 - mfu:      model FLOP utilization of our prefix training on the Llama-3.2-1B shape at 8 x 1024 tokens, against
             --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
-- generate: greedy tokens/s with a prefix vs the bare model at batch 1 and 8.
+- generate: greedy tokens/s at batch 1 and 8: the bare model, our prefix, PEFT's prefix (its own generate; not
+            run where PEFT refuses the installed transformers, and the JSON says so), in rotating order.
 - mixed:    8 adapters mixed in one batch of 8 rows vs the same 8 rows served one adapter at a time.
 - decode:   the cost of a decode step vs cache length: the median of the last 100 steps of a long continuation,
             bare vs our prefix stored in the cache (decode_cache.py) vs the previous path that concatenated the
@@ -131,21 +132,29 @@ def section_mfu(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dic
 
 def section_generate(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> dict[str, Any]:
     prompt, new, repeats = args.gen
-    bare = build(shape, dtype, args.device)
-    mine = ours(build(shape, dtype, args.device))
-    vocab = SHAPES[shape][1]["vocab_size"]
+    models = {"bare": build(shape, dtype, args.device), "ours": ours(build(shape, dtype, args.device))}
     out: dict[str, Any] = {"prompt_tokens": prompt, "new_tokens": new}
+    try:  # PEFT's prefix in its own generate (its cache holds the prefix); PEFT 0.21 refuses transformers >= 5.24
+        models["peft"] = peft_prefix(build(shape, dtype, args.device)).eval()
+    except ValueError as e:
+        out["peft"] = f"not run: {e}"
+    vocab = SHAPES[shape][1]["vocab_size"]
+    names = list(models)
     with torch.no_grad():
         for rows in (1, 8):
             ids = torch.randint(3, vocab, (rows, prompt), generator=torch.Generator().manual_seed(rows)).to(args.device)
-            times: dict[str, list[float]] = {"bare": [], "ours": []}
-            for model in (bare, mine):
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for model in models.values():
                 timed_generate(model, ids, 2, args.device)  # warm up
-            for r in range(repeats):
-                for name in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
-                    times[name].append(timed_generate(bare if name == "bare" else mine, ids, new, args.device))
+            for r in range(repeats):  # rotated, so that machine load hits every side alike
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    times[name].append(timed_generate(models[name], ids, new, args.device))
             rates = {name: round(rows * new / statistics.median(t), 1) for name, t in times.items()}
-            out[f"b{rows}"] = {"tokens_per_s": rates, "ours_over_bare": round(rates["ours"] / rates["bare"], 3)}
+            row: dict[str, Any] = {"tokens_per_s": rates, "ours_over_bare": round(rates["ours"] / rates["bare"], 3)}
+            if "peft" in rates:
+                row["ours_over_peft"] = round(rates["ours"] / rates["peft"], 3)
+                row["peft_over_bare"] = round(rates["peft"] / rates["bare"], 3)
+            out[f"b{rows}"] = row
     return out
 
 
