@@ -23,16 +23,17 @@ E2E_LIKE = [
 ]
 
 
-def test_description_is_the_words_most_inputs_and_targets_share_in_order() -> None:
-    # name and area are in every input, eatType, food and riverside in two of three; no target word is shared.
-    assert describe_task(E2E_LIKE) == "name eatType area food riverside"
-    labels = [Example(f"review {i}: it was {w}", w) for i, w in enumerate(["good", "bad", "good", "meh"])]
-    assert describe_task(labels) == "review it was good bad meh"  # few short repeated targets: the label words
+def test_structured_inputs_are_described_by_their_field_names_in_order() -> None:
+    assert describe_task(E2E_LIKE) == "name eatType area food near"
+    brackets = [Example("name[Blue Spice], customer rating[high]", "x"), Example("name[Dog], area[riverside]", "y")]
+    assert describe_task(brackets) == "name customer rating area"
 
 
-def test_description_falls_back_to_the_first_input_and_reads_chat_contents() -> None:
+def test_free_text_by_the_words_most_inputs_share_then_label_words() -> None:
+    labels = [Example(f"review {i} says it was {w}", w) for i, w in enumerate(["good", "bad", "good", "meh"])]
+    assert describe_task(labels) == "review says it was good bad meh"  # few short repeated targets: the label words
     unrelated = [Example("alpha beta", "x1"), Example("gamma delta", "y2"), Example("epsilon", "z3")]
-    assert describe_task(unrelated) == "alpha beta"  # targets that never repeat are not labels
+    assert describe_task(unrelated) == "alpha beta"  # nothing shared; targets that never repeat are not labels
     labels_once = [Example(f"w{i} v{i}", f"t{i}") for i in range(12) for _ in range(2)]  # 12 distinct: not labels
     assert describe_task(labels_once) == "w0 v0"
     chat = [
