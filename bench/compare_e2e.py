@@ -1,11 +1,14 @@
 """Each method's BLEU on E2E at equal steps with smollm2-135m, and the issue's targets (JSON out).
 
     python bench/compare_e2e.py --out runs/bench/compare_e2e [--methods prefix,prompt,lora,adapter,lora+prefix,full]
-        [--max-steps 100] [--batch-size 8] [--eval-limit N] [--train-sizes 50,100,200,500 --seeds 0,1] [key=value ...]
+        [--max-steps 100] [--batch-size 8] [--eval-limit N] [--train-sizes 50,100,200,500 --seeds 0,1] [--no-sweep]
+        [key=value ...]
 
-A thin wrapper around `prefixtune compare` (same directory layout, resumable: rerun the command to continue),
-which adds the paper's targets: prefix within 1 BLEU of full fine-tuning (or above it) at the full training set,
-and, with --train-sizes, prefix >= full fine-tuning on average over the sizes. Targets are reported, not asserted.
+A thin wrapper around `prefixtune compare` (same directory layout, resumable: rerun the command to continue), so
+every method first gets the same learning-rate sweep (x1/3, x1, x3 around its default, scored on validation, the
+winner tested; `--no-sweep` trains each at its default only), and which adds the paper's targets: prefix within
+1 BLEU of full fine-tuning (or above it) at the full training set, and, with --train-sizes, prefix >= full
+fine-tuning on average over the sizes. Targets are reported, not asserted.
 Extra key=value items go to compare as they are (e.g. `prefix.lr=5e-3 threads=1`).
 """
 
@@ -68,6 +71,7 @@ def main() -> int:
     parser.add_argument("--train-sizes")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--untuned", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="each method at its default rate only")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -84,6 +88,7 @@ def main() -> int:
             eval_limit=args.eval_limit,
             max_new_tokens=args.max_new_tokens,
             untuned=args.untuned,
+            sweep=not args.no_sweep,
             overrides=list(args.overrides),
         )
         raw = run_compare(settings, args.out)
