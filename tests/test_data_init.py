@@ -12,7 +12,7 @@ import prefixtune
 from prefixtune import cli
 from prefixtune.data import Example, describe_task, fill_init_text
 from prefixtune.errors import PrefixTuneError
-from prefixtune.methods.prompt import PromptConfig
+from prefixtune.methods.registry import build_method
 from tiny import tiny
 from tiny_tokenizer import make_tokenizer
 
@@ -56,11 +56,15 @@ def test_fill_init_text_only_where_init_is_data_and_no_text_was_given() -> None:
     assert "init_text" not in fill_init_text({"init": "data"}, [])  # nothing to describe: the config refuses
 
 
-def test_data_init_without_text_outside_training_is_refused() -> None:
+def test_data_init_without_text_outside_training_is_refused_when_built() -> None:
+    tok = make_tokenizer()
+    model = tiny("llama-gqa")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    config = prefixtune.PrefixConfig(init="data")  # a valid spec: training fills the text
     with pytest.raises(PrefixTuneError, match="init='data'"):
-        prefixtune.PrefixConfig(init="data")
+        prefixtune.attach(model, config, tokenizer=tok)
     with pytest.raises(PrefixTuneError, match="init='data'"):
-        PromptConfig(init="data")
+        build_method("prompt", model, {"init": "data"}, tok)
 
 
 def test_data_init_starts_from_the_activations_of_the_description() -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import peft_format
+from .data.describe import NO_TEXT
 from .errors import PrefixTuneError
 from .layers import ROLES, LayerLayout, record_key_values
 from .locations import describe_layers, resolve, saved_parts
@@ -36,6 +37,8 @@ def initial_kv(base_model: nn.Module, lay: LayerLayout, tokenizer: Any, config: 
             vocab = min(vocab, len(tokenizer))
         ids = torch.randint(0, vocab, (1, p))
     else:
+        if not config.init_text:  # init="data" outside `prefixtune train`
+            raise PrefixTuneError(NO_TEXT)
         if tokenizer is None:
             raise PrefixTuneError("init='text' needs a tokenizer: attach(model, config, tokenizer=tokenizer)")
         text_ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]

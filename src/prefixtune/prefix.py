@@ -113,11 +113,6 @@ class PrefixConfig:
                 raise PrefixTuneError(f"{message}, got {getattr(self, field_name)!r}")
         if self.init == "text" and not self.init_text:
             raise PrefixTuneError("init='text' needs init_text, e.g. init_text='table-to-text:'")
-        if self.init == "data" and not self.init_text:
-            raise PrefixTuneError(
-                "init='data' takes its text from the training data, which `prefixtune train` derives; "
-                "outside training give init_text (or use init='text')"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -68,6 +68,12 @@ def _shared(items_per_text: Iterable[list[str]], share: float, fold_case: bool =
     return [item for key, item in first.items() if holding[key] >= share * texts] if texts else []
 
 
+NO_TEXT = (
+    "init='data' takes its text from the training data, which `prefixtune train` derives; "
+    "outside training give init_text (or use init='text')"
+)
+
+
 def fill_init_text(options: dict, examples: Sequence[Example]) -> dict:
     """`options` with `init_text` (or `prefix.init_text`) derived from `examples` wherever `init` is "data" and no
     text was given; the saved adapter config then records the text it started from."""

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import atomic, peft_format
+from ..data.describe import NO_TEXT
 from ..errors import PrefixTuneError
 from ..model import BASE, check_adapter_name
 
@@ -54,11 +55,6 @@ class PromptConfig:
             raise PrefixTuneError(f"init must be 'random', 'vocab', 'text' or 'data', got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise PrefixTuneError("init='text' needs init_text, e.g. init_text='table-to-text:'")
-        if self.init == "data" and not self.init_text:
-            raise PrefixTuneError(
-                "init='data' takes its text from the training data, which `prefixtune train` derives; "
-                "outside training give init_text (or use init='text')"
-            )
 
 
 class PromptModel(nn.Module):
@@ -216,6 +212,8 @@ class PromptModel(nn.Module):
                 vocab = min(vocab, len(self.tokenizer))
             ids = torch.randint(0, vocab, (p,))
         else:
+            if not config.init_text:  # init="data" outside `prefixtune train`
+                raise PrefixTuneError(NO_TEXT)
             if self.tokenizer is None:
                 raise PrefixTuneError("init='text' needs a tokenizer: pass tokenizer= when building the prompt")
             text_ids = self.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
