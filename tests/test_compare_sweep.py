@@ -47,6 +47,7 @@ def _settings(model_dir: Path, data_file: Path, **changes) -> CompareSettings:
         max_new_tokens=4,
         lr_lists={"prefix": [LOW, HIGH]},
         bootstrap=200,
+        sweep_extend=0,  # the grid only; test_a_winner_at_the_edge_tries_one_rate_beyond_it extends it
         overrides=["warmup_steps=1", "log_every=3", "prefix.projection_dim=16", "prefix.num_virtual_tokens=4"],
     )
     for key, value in changes.items():
@@ -239,3 +240,54 @@ def test_the_untuned_row_of_a_swept_report_shows_no_rate(swept) -> None:
     header, rows = report.main_table([untuned, *raw["runs"]], raw["intervals"], raw["sweep"])
     column = header.index("validation bleu per rate tried (* won)")
     assert rows[0][0] == "untuned" and rows[0][column] == "-" and rows[1][column].endswith("*")
+
+
+def test_beyond_edge_is_one_grid_step_past_an_end_winner() -> None:
+    assert sweep.beyond_edge([1e-3, 3e-3, 9e-3], 9e-3) == 2.7e-2
+    assert sweep.beyond_edge([1e-3, 3e-3, 9e-3], 1e-3) == 3.33e-4
+    assert sweep.beyond_edge([1e-3, 3e-3, 9e-3], 3e-3) is None  # an inner winner: the grid holds the best
+    assert sweep.beyond_edge([9e-3, 1e-3, 3e-3, 2.7e-2], 2.7e-2) == 8.1e-2  # the order tried does not matter
+    assert sweep.beyond_edge([3e-3], 3e-3) is None
+
+
+def test_a_winner_at_the_edge_tries_one_rate_beyond_it(model_dir, data_file, tmp_path) -> None:
+    grid = [3e-3, HIGH]  # for 6 steps of a tiny model the higher rate wins (as with LOW, HIGH above)
+    settings = _settings(model_dir, data_file, lr_lists={"prefix": grid}, sweep_extend=1, seeds=[0])
+    launches = Launches()
+    raw = run_compare(settings, tmp_path / "cmp", progress=False, launch=launches)
+    tried = {r["lr"]: r for r in raw["sweep"]}
+    beyond = sweep.rounded(HIGH * HIGH / 3e-3)
+    assert sorted(tried) == [3e-3, HIGH, beyond]  # one step past the winning edge, and no more (sweep_extend=1)
+    assert [lr for lr, r in tried.items() if r.get("beyond_grid")] == [beyond]
+    winner = sweep.choose(list(tried.values()), "bleu")
+    assert [lr for lr, r in tried.items() if r.get("won")] == [winner["lr"]] == [raw["runs"][0]["lr"]]
+    assert launches.jobs[2] == f"prefix-nall-s0-lr{beyond:g}/job.json"
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "(beyond grid)" in md and "one more rate beyond it" in md
+    again = Launches()  # a rerun reuses every run, the one beyond the grid too
+    assert run_compare(settings, tmp_path / "cmp", progress=False, launch=again)["sweep"] == raw["sweep"]
+    assert again.jobs == []
+
+
+def test_a_directory_from_before_sweep_extend_resumes_with_the_fixed_grid(model_dir, data_file, swept) -> None:
+    out, raw, _ = swept
+    saved = json.loads((out / "compare.json").read_text())
+    legacy = {k: v for k, v in saved.items() if k != "sweep_extend"}
+    (out / "compare.json").write_text(json.dumps(legacy))
+    try:
+        again = Launches()
+        assert run_compare(_settings(model_dir, data_file), out, progress=False, launch=again)["sweep"] == raw["sweep"]
+        assert again.jobs == []  # resumed as it ran: nothing trained again, no rate beyond the grid
+        with pytest.raises(PrefixTuneError, match="sweep_extend differ"):
+            run_compare(_settings(model_dir, data_file, sweep_extend=1), out, progress=False, launch=again)
+    finally:
+        (out / "compare.json").write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def test_the_cli_refuses_a_negative_sweep_extend_or_one_without_a_sweep(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "prefix", "--model", str(model_dir), "--data", str(data_file), "--out", str(out)]
+    for bad, says in ((["--sweep-extend", "-1"], ">= 0"), (["--no-sweep", "--sweep-extend", "1"], "--sweep-extend")):
+        assert cli.main([*args, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1 and not out.exists()

@@ -55,6 +55,14 @@ def add_arguments(sub: Any) -> None:
         help="a method's own rates to sweep, e.g. prefix=1e-3,3e-3,1e-2 (repeatable)",
     )
     p.add_argument("--no-sweep", action="store_true", help="no sweep: each method trains at its one centre rate")
+    p.add_argument(
+        "--sweep-extend",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a method whose best rate is the lowest or highest it tried tries one more beyond it, up to N times "
+        "(default 1; 0: the grid only)",
+    )
     p.add_argument("--sweep-sizes", help="train sizes to sweep, e.g. 50,500 (default: all); others reuse the nearest")
     p.add_argument(
         "--select-split",
@@ -85,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
             raise PrefixTuneError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     if args.bootstrap < 0:
         raise PrefixTuneError(f"--bootstrap must be >= 0 (0: no interval), got {args.bootstrap}")
-    if args.no_sweep and (args.lr_sweep or args.lrs or args.sweep_sizes):
-        raise PrefixTuneError("--no-sweep does not combine with --lr-sweep, --lrs or --sweep-sizes")
+    if args.no_sweep and (args.lr_sweep or args.lrs or args.sweep_sizes or args.sweep_extend is not None):
+        raise PrefixTuneError("--no-sweep does not combine with --lr-sweep, --lrs, --sweep-sizes or --sweep-extend")
+    if args.sweep_extend is not None and args.sweep_extend < 0:
+        raise PrefixTuneError(f"--sweep-extend must be >= 0 (0: the grid only), got {args.sweep_extend}")
     methods = parse_methods(args.methods)
     sizes = parse_sizes(args.train_sizes) if args.train_sizes else [None]
     settings = CompareSettings(
@@ -107,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         sweep=not args.no_sweep,
         lr_lists=parse_rate_lists(args.lrs, methods),
         sweep_sizes=parse_sizes(args.sweep_sizes) if args.sweep_sizes else None,
+        sweep_extend=1 if args.sweep_extend is None else args.sweep_extend,
         select_split=args.select_split,
         bootstrap=args.bootstrap,
         bootstrap_seed=args.bootstrap_seed,

@@ -127,7 +127,7 @@ def sweep_table(swept: list[dict[str, Any]], key: str) -> tuple[list[str], list[
                 f"{r['lr']:g}",
                 "-" if value is None else f"{value:.2f}",
                 "-" if loss is None else f"{loss:.3f}",
-                "yes" if r.get("won") else "",
+                ("yes" if r.get("won") else "") + (" (beyond grid)" if r.get("beyond_grid") else ""),
             ]
         )
     return header, rows
@@ -153,6 +153,12 @@ def describe(settings: dict[str, Any]) -> str:
             "the winner (best validation score, then lowest validation loss) trained every seed, and only winners "
             "were scored on the test split (other sizes reuse the winner of the nearest swept size)."
         )
+        extend = settings.get("sweep_extend", 0)
+        if extend:
+            parts.append(
+                f"A winner at the lowest or highest rate tried made its method try one more rate beyond it (one grid "
+                f"step further), up to {extend} time{'s' if extend > 1 else ''} per size (rows marked beyond grid)."
+            )
         if settings.get("select_split", "validation") in (settings.get("eval_split"), "all"):
             parts.append("Rates were chosen on the scored inputs themselves: the winners' scores are optimistic.")
     if settings.get("bootstrap"):

@@ -27,6 +27,7 @@ without a method prefix is given to every method, so each of them must take it. 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -46,6 +47,8 @@ from .process import DirectoryLock, run_worker, say
 from .settings import CompareSettings, route_overrides
 
 SETTINGS_FILE = "compare.json"
+# what a directory written before a setting existed ran with: it resumes as it started
+LEGACY_SETTINGS = {"sweep_extend": 0}
 RESULT_FILE = "result.json"
 TEST_JOB_FILE, TEST_RESULT_FILE = "test_job.json", "test_result.json"
 UNTUNED = "untuned"
@@ -81,6 +84,7 @@ class Plan:
     untuned: Job | None
     sweep_jobs: list[Job]
     configs: dict[str, TrainConfig] = field(default_factory=dict)  # per method, at its centre rate, whole data
+    extended: dict[str, list[float]] = field(default_factory=dict)  # rates tried beyond a grid's edge (sweep.py)
 
     def job(self, method: str, size: int | None, seed: int, lr: float, split: str, swept: bool) -> Job:
         settings = self.settings
@@ -95,8 +99,12 @@ class Plan:
         if size is not None:  # the seeded subsample, written as a file before any run starts
             cfg = replace(source, train_split="all", source_field=None, target_field=None)
             cfg.data = str(subsample_path(self.out, size, seed))
-        index = self.rates[method].index(lr)
+        index = self.tried(method).index(lr)
         return Job(name, method, cfg, source, size, seed, index, split, swept)
+
+    def tried(self, method: str) -> list[float]:
+        """A method's rates in the order they were first tried: its grid, then any rates beyond its edges."""
+        return self.rates[method] + self.extended.setdefault(method, [])
 
     def final_jobs(self, winners: dict[tuple[str, int | None], float], available: int) -> list[Job]:
         """Every (method, size, seed) at its winning rate (or its one rate), scored on the test split."""
@@ -259,6 +267,7 @@ def run_compare(
             before = json.loads(settings_path.read_text())
         except (OSError, ValueError) as e:
             raise PrefixTuneError(f"{settings_path} is unreadable ({e}); choose another --out") from None
+        before = {**LEGACY_SETTINGS, **before}  # a directory written before a setting existed ran without it
         differ = sorted(k for k in set(before) | set(saved) if before.get(k) != saved.get(k))
         if differ:
             raise PrefixTuneError(
@@ -272,8 +281,8 @@ def run_compare(
     except OSError as e:
         raise PrefixTuneError(f"cannot write to {out}: {e.strerror}") from None
     finals = len(settings.methods) * len(settings.train_sizes) * len(settings.seeds)
-    count = int(settings.untuned) + len(the_plan.sweep_jobs) + finals
-    counter = iter(range(1, count + 1))
+    count = int(settings.untuned) + len(the_plan.sweep_jobs) + finals  # grows by the rates beyond a grid's edge
+    counter = itertools.count(1)
     with DirectoryLock(out) as lock_fd:
         if not settings_path.is_file():
             atomic_write_bytes(settings_path, (json.dumps(saved, indent=2) + "\n").encode())
@@ -289,6 +298,17 @@ def run_compare(
             for size in the_plan.swept:
                 tried = [r for r in swept if r["method"] == method and r.get("train_size") == size]
                 winner = sweep.choose(tried, report.quality_key(tried, "select_scores"))
+                for _ in range(settings.sweep_extend):  # the best rate may lie beyond the grid's edge
+                    rate = sweep.beyond_edge([r["lr"] for r in tried], winner["lr"])
+                    if rate is None:
+                        break
+                    if rate not in the_plan.tried(method):
+                        the_plan.extended[method].append(rate)
+                    count += 1
+                    job = the_plan.job(method, size, settings.seeds[0], rate, settings.select_split, True)
+                    tried.append({**run(job), "rate_index": job.rate_index, "beyond_grid": True})
+                    swept.append(tried[-1])
+                    winner = sweep.choose(tried, report.quality_key(tried, "select_scores"))
                 winner["won"] = True
                 winners[(method, size)] = winner["lr"]
         for job in the_plan.final_jobs(winners, available):

@@ -50,6 +50,8 @@ class CompareSettings:
     lr_factors: list[float] = field(default_factory=lambda: list(DEFAULT_LR_FACTORS))
     lr_lists: dict[str, list[float]] = field(default_factory=dict)  # --lrs METHOD=R1,R2,...
     sweep_sizes: list[int | None] | None = None  # train sizes swept (None: every size); the others reuse a winner
+    # a method whose best rate is the lowest or highest it tried tries one more beyond it, up to this many times
+    sweep_extend: int = 1
     select_split: str = "validation"  # the split the rates are scored on
     bootstrap: int = 1000  # resamples of the test inputs for the 95% interval (0: none)
     bootstrap_seed: int = 0

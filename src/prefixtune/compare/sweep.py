@@ -3,8 +3,11 @@
 Every method tries the same factors around its own centre rate (its default, `--lr` or `METHOD.lr=X`), by
 default x1/3, x1 and x3, or the rates `--lrs METHOD=R1,R2,...` gives it. The sweep trains each rate on the first
 seed at every swept train size and scores it on the selection split (validation); the winner (best quality
-there, then lowest loss, then the earlier rate) is the rate every seed trains and is tested with. A train size
-that is not swept takes the winner of the nearest swept size (on a log scale; the smaller on a tie).
+there, then lowest loss, then the earlier rate) is the rate every seed trains and is tested with. Where the winner
+is the lowest or the highest rate tried, the best rate may lie outside the grid, so one more rate is tried beyond
+it (one grid step further: x3 for the default factors), up to `--sweep-extend` times per method and size
+(default 1; 0 keeps the grid fixed). A train size that is not swept takes the winner of the nearest swept size
+(on a log scale; the smaller on a tie).
 """
 
 from __future__ import annotations
@@ -79,3 +82,16 @@ def selection_key(quality: str):  # noqa: ANN201 (a sort key)
 def choose(records: list[dict[str, Any]], quality: str) -> dict[str, Any]:
     """The winning record of one (method, swept size) among its rates."""
     return min(records, key=selection_key(quality))
+
+
+def beyond_edge(tried: list[float], winner: float) -> float | None:
+    """The next rate to try when `winner` is the lowest or highest of `tried` (one grid step further out, the step
+    being the ratio of the two rates at that end), else None."""
+    rates = sorted(set(tried))
+    if len(rates) < 2:
+        return None
+    if winner == rates[0]:
+        return rounded(rates[0] * rates[0] / rates[1])
+    if winner == rates[-1]:
+        return rounded(rates[-1] * rates[-1] / rates[-2])
+    return None
