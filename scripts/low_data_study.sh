@@ -3,7 +3,8 @@
 # examples, 3 seeds, each method at its best rate of a learning-rate sweep (x1/3, x1, x3 around its default),
 # sized to about two hours of two CPU cores: two `prefixtune compare` processes side by side, one thread each.
 #
-#   bash scripts/low_data_study.sh              # runs it (resumable: repeat the command after an interruption)
+#   STEPS=18 bash scripts/low_data_study.sh     # the published run (docs/methods.md; resumable: repeat it after
+#                                               # an interruption); without STEPS the sizing below picks the steps
 #   DRY_RUN=1 bash scripts/low_data_study.sh    # prints the sizing and the two commands only
 #
 # The sweep runs at the smallest and the largest size only (50 and 500, first seed), and the sizes between
@@ -36,8 +37,11 @@ if [ "$STEPS" -lt 1 ]; then
 fi
 WARMUP=${WARMUP:-$(((STEPS + 9) / 10))}  # the trainer's default of 20 warmup steps would be most of the run
 
+# The published table ran with the fixed grid (before --sweep-extend existed): SWEEP_EXTEND=0 reproduces it; 1 is
+# compare's default, one more rate beyond a grid's edge when a method wins there.
+SWEEP_EXTEND=${SWEEP_EXTEND:-0}
 common=(-m prefixtune compare --methods prefix,full,lora --data e2e --model smollm2-135m
-    --max-steps "$STEPS" --batch-size "$BATCH" --seeds 0,1,2 --quiet)
+    --max-steps "$STEPS" --batch-size "$BATCH" --seeds 0,1,2 --sweep-extend "$SWEEP_EXTEND" --quiet)
 settings=("warmup_steps=$WARMUP" threads=1)
 small=("${common[@]}" --train-sizes 50,100 --sweep-sizes 50 --out "$OUT/small" "${settings[@]}")
 large=("${common[@]}" --train-sizes 200,500 --sweep-sizes 500 --out "$OUT/large" "${settings[@]}")
