@@ -104,7 +104,7 @@ class Plan:
 
     def tried(self, method: str) -> list[float]:
         """A method's rates in the order they were first tried: its grid, then any rates beyond its edges."""
-        return self.rates[method] + self.extended.setdefault(method, [])
+        return self.rates[method] + self.extended.get(method, [])
 
     def final_jobs(self, winners: dict[tuple[str, int | None], float], available: int) -> list[Job]:
         """Every (method, size, seed) at its winning rate (or its one rate), scored on the test split."""
@@ -302,8 +302,8 @@ def run_compare(
                     rate = sweep.beyond_edge([r["lr"] for r in tried], winner["lr"])
                     if rate is None:
                         break
-                    if rate not in the_plan.tried(method):
-                        the_plan.extended[method].append(rate)
+                    if rate not in the_plan.tried(method):  # another size may have tried it already
+                        the_plan.extended.setdefault(method, []).append(rate)
                     count += 1
                     job = the_plan.job(method, size, settings.seeds[0], rate, settings.select_split, True)
                     tried.append({**run(job), "rate_index": job.rate_index, "beyond_grid": True})
