@@ -34,7 +34,7 @@ def describe_task(examples: Sequence[Example]) -> str:
     if sum(1 for f in fields if f) >= FIELD_INPUTS * len(sources):
         words = _shared(fields, FIELD_SHARE)
     else:
-        words = _shared(([w for w in WORD.findall(s)] for s in sources), WORD_SHARE, fold_case=True)
+        words = _shared((WORD.findall(s) for s in sources), WORD_SHARE, fold_case=True)
     targets = [e.target for e in examples if e.target]
     distinct = list(dict.fromkeys(targets))
     if 1 < len(distinct) <= MAX_LABELS and len(distinct) < len(targets) and all(len(t.split()) <= 3 for t in distinct):
