@@ -55,7 +55,7 @@ class PrefixConfig:
     init:               "random" (N(0, 1) as PEFT), "vocab" (the frozen model's keys/values for sampled
                         vocabulary tokens), "text" (its keys/values for `init_text`: real-word activations) or
                         "data" (as "text", for a description `prefixtune train` derives from the training data:
-                        the words most inputs share, e.g. E2E's field names; data/describe.py).
+                        structured inputs' field names, e.g. E2E's, or free text's shared words; data/describe.py).
     init_text:          the text for init="text", e.g. "table-to-text:"; tiled or cut to P tokens.
     position_convention: "peft" puts real tokens at positions P..P+T-1 (PEFT and the original code);
                         "zero" keeps them at 0..T-1. Decoder-only models only: encoder and encoder-decoder
