@@ -174,7 +174,6 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(model_dir: Path, data_fi
         ("prefix", ["--lrs", "prefix=1e-3,1e-2", "prefix.lr=1e-3"], "give its rates once"),
         ("prefix", ["--sweep-sizes", "5", "--train-sizes", "3"], "not among --train-sizes"),
         ("prefix", ["--no-sweep", "--lr-sweep", "1,3"], "does not combine"),
-        ("prefix", ["--train-sizes", "3", "eval_every=2"], "eval_every"),
         ("prefix", ["--bootstrap", "-1"], "--bootstrap"),
         ("prefix,full", ["full.top_layers=0"], "top_layers"),
     ],
@@ -186,6 +185,30 @@ def test_bad_input_is_one_line_exit_2(model_dir, data_file, tmp_path, capsys, me
     assert code == 2
     assert err.startswith("prefixtune: error:") and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_validation_during_training_at_train_sizes_is_the_selection_split(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """With --train-sizes, eval_every validates each subsampled run on the comparison's selection split (written to
+    DIR/data/validation.jsonl with every reference), never on its own training rows; the best adapter is scored."""
+    from prefixtune import data
+
+    out = tmp_path / "cmp"
+    extra = ("--train-sizes", "3", "train_split=train", "eval_every=2")
+    assert cli.main(_args(model_dir, data_file, out, "prefix", *extra)) == 0
+    held_out = data.load_dataset(str(data_file), split="validation")
+    rows = [json.loads(line) for line in (out / "data" / "validation.jsonl").read_text().splitlines()]
+    assert held_out and rows == [{"input": e.source, "target": r} for e in held_out for r in e.references]
+    trained_on = {json.loads(line)["input"] for line in (out / "data" / "train-n3-s0.jsonl").read_text().splitlines()}
+    assert trained_on and not trained_on & {e.source for e in held_out}
+    run = out / "runs" / "prefix-n3-s0"
+    cfg = yaml.safe_load((run / "train" / "config.yaml").read_text())
+    assert (cfg["eval_data"], cfg["eval_split"]) == (str(out / "data" / "validation.jsonl"), "all")
+    val_losses = [m["val_loss"] for m in read_metrics(run / "train" / "metrics.jsonl") if "val_loss" in m]
+    assert len(val_losses) == 2  # steps 2 and 4
+    result = json.loads((run / "result.json").read_text())
+    assert result["best_val_loss"] == pytest.approx(min(val_losses), abs=1e-4)
 
 
 def test_the_untuned_model_is_scored_without_training(model_dir: Path, data_file: Path, tmp_path: Path) -> None:

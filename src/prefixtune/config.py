@@ -38,6 +38,10 @@ class TrainConfig:
     target_field: str | None = field(default=None, metadata={"help": "record field holding the target"})
     train_split: str = field(default="train", metadata={"help": "split to train on: train, validation, test or all"})
     eval_split: str = field(default="validation", metadata={"help": "split scored during training (all = whole data)"})
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "data set whose eval_split is scored during training (default: data; one task only)"},
+    )
     train_size: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     eval_size: int | None = field(default=64, metadata={"help": "validation examples scored every eval_every"})
     max_length: int = field(default=256, metadata={"help": "max tokens per example (source+target); longer are cut"})

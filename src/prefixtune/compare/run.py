@@ -99,6 +99,8 @@ class Plan:
         if size is not None:  # the seeded subsample, written as a file before any run starts
             cfg = replace(source, train_split="all", source_field=None, target_field=None)
             cfg.data = str(subsample_path(self.out, size, seed))
+            if cfg.eval_every:  # validation during training: the comparison's selection split, written out
+                cfg.eval_data, cfg.eval_split = str(validation_path(self.out)), "all"
         index = self.tried(method).index(lr)
         return Job(name, method, cfg, source, size, seed, index, split, swept)
 
@@ -130,11 +132,6 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> Plan:
     out = Path(out)
     methods = list(settings.methods)
     common, options, rates = route_overrides(methods, settings.overrides)
-    if common.get("eval_every") and settings.train_sizes != [None]:
-        raise PrefixTuneError(
-            "eval_every (validation during training) does not combine with --train-sizes: each size trains on a "
-            "subsample file without a validation split; the sweep scores validation after training instead"
-        )
     for method in settings.lr_lists:
         if method in rates:
             raise PrefixTuneError(f"{method}: give its rates once, either {method}.lr=X or --lrs {method}=...")
@@ -218,32 +215,46 @@ def subsample_path(out: Path, size: int, seed: int) -> Path:
     return out / "data" / f"train-n{size}-s{seed}.jsonl"
 
 
+def validation_path(out: Path) -> Path:
+    return out / "data" / "validation.jsonl"
+
+
 def write_subsamples(the_plan: Plan) -> None:
     """DIR/data/train-n<size>-s<seed>.jsonl: `size` training pairs drawn with `seed`, nested across sizes.
 
     One seeded permutation of the training pairs per seed; size N takes its first N (kept in data order), so the
-    50 examples of a seed are among its 100. Every method and rate of that seed trains on the same file.
+    50 examples of a seed are among its 100. Every method and rate of that seed trains on the same file. With
+    validation during training (eval_every), DIR/data/validation.jsonl holds the selection split (every
+    reference of each input): a subsample file has no split of its own that is not training data.
     """
     settings = the_plan.settings
+    sizes = [s for s in settings.train_sizes if s is not None]
+    if not sizes:
+        return
     first = next(iter(the_plan.configs.values()))
     pairs = tasks.load_tasks(replace(first, train_size=None))[0][0].train
     for seed in settings.seeds:
         order = list(range(len(pairs)))
         random.Random(f"prefixtune-compare-subsample-{seed}").shuffle(order)
-        for size in (s for s in settings.train_sizes if s is not None):
-            path = subsample_path(the_plan.out, size, seed)
-            rows = []
-            for i in sorted(order[:size]):
-                e = pairs[i]
-                rows.append(
-                    {"input": e.source, "label": e.label}
-                    if e.label is not None
-                    else {"input": e.source, "target": e.target}
-                )
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-            if not path.is_file() or path.read_bytes() != text:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, text)
+        for size in sizes:
+            _write_rows(subsample_path(the_plan.out, size, seed), [_row(pairs[i]) for i in sorted(order[:size])])
+    if any(cfg.eval_every for cfg in the_plan.configs.values()):
+        held_out = eval_examples(first, settings.select_split, None)
+        rows = [_row(e, ref) for e in held_out for ref in (e.references or [e.target])]
+        _write_rows(validation_path(the_plan.out), rows)
+
+
+def _row(e: Any, target: str | None = None) -> dict[str, Any]:
+    if e.label is not None:
+        return {"input": e.source, "label": e.label}
+    return {"input": e.source, "target": target if target is not None else e.target}
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    if not path.is_file() or path.read_bytes() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, text)
 
 
 def run_compare(

@@ -41,9 +41,14 @@ class TaskData:
 
 def load_tasks(cfg: TrainConfig) -> tuple[list[TaskData], bool]:
     """The run's tasks and whether it is multi-task; every data error is raised here, before a model loads."""
+    by_task = None if isinstance(cfg.data, dict) else _tasks_in_file(cfg)
+    if cfg.eval_data and (isinstance(cfg.data, dict) or by_task is not None):
+        raise PrefixTuneError(
+            "eval_data names one validation set, but the data holds several tasks: each task validates on "
+            "its own data's eval_split; leave eval_data unset"
+        )
     if isinstance(cfg.data, dict):
         return [_load_named(cfg, name, spec) for name, spec in cfg.data.items()], True
-    by_task = _tasks_in_file(cfg)
     if by_task is not None:
         return [_split_task(cfg, name, examples) for name, examples in by_task.items()], True
     return [_load_single(cfg)], False
@@ -69,9 +74,10 @@ def _load_single(cfg: TrainConfig) -> TaskData:
         raise PrefixTuneError(f"{spec}: no training examples in split {cfg.train_split!r}")
     validation: list[data.Example] = []
     if cfg.eval_every:
-        validation = _load(cfg, spec, cfg.eval_split, cfg.eval_size)[: cfg.eval_size]
+        where = cfg.eval_data or spec  # a separate validation set (compare: the swept split of a subsampled run)
+        validation = _load(cfg, where, cfg.eval_split, cfg.eval_size)[: cfg.eval_size]
         if not validation:
-            raise PrefixTuneError(f"{spec}: split {cfg.eval_split!r} is empty; validation needs examples")
+            raise PrefixTuneError(f"{where}: split {cfg.eval_split!r} is empty; validation needs examples")
     return TaskData(None, pairs, validation)
 
 
