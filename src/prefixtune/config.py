@@ -57,7 +57,9 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "linear warmup steps (default: a tenth of the run's steps, at most 20)"}
+    )
     schedule: str = field(default="linear", metadata={"help": "decay after warmup: linear, cosine or constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     on_nonfinite: str = field(
@@ -124,7 +126,7 @@ class TrainConfig:
             raise PrefixTuneError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise PrefixTuneError(f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+        if (self.warmup_steps or 0) < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise PrefixTuneError("warmup_steps, weight_decay and max_grad_norm must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:

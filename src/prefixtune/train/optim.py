@@ -15,16 +15,27 @@ from torch import nn
 from ..config import TrainConfig
 from .tasks import TaskLoop
 
+AUTO_WARMUP_MAX = 20  # the fixed default before warmup followed the run's length
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """`warmup_steps`, or by default a tenth of the run's `total` steps (rounded up), at most 20: a fixed 20 would
+    keep a short run (one epoch of 50 examples is 7 steps of 8) below its peak rate from start to end."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return min(AUTO_WARMUP_MAX, math.ceil(total / 10))
+
 
 def schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     """The learning-rate factor of each step: linear warmup, then linear or cosine decay over `total` (or none)."""
+    warmup = warmup_steps(cfg, total)
 
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if cfg.schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total - warmup)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1.0 - progress)
