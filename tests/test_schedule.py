@@ -1,11 +1,21 @@
-"""The learning-rate schedule: warmup that follows the run's length by default, then linear or cosine decay."""
+"""The budget and the learning-rate schedule: by default at least 80 steps (one epoch on large data), warmup that
+follows the run's length, then linear or cosine decay."""
 
 from __future__ import annotations
 
 import pytest
 
 from prefixtune.config import TrainConfig
+from prefixtune.train.loop import total_steps
 from prefixtune.train.optim import schedule, warmup_steps
+
+
+@pytest.mark.parametrize(
+    "epochs, per_epoch, expected",
+    [(None, 7, 80), (None, 80, 80), (None, 700, 700), (1.0, 7, 7), (2.5, 7, 18), (0.01, 7, 1)],
+)
+def test_the_default_budget_is_one_epoch_or_80_steps_whichever_is_more(epochs, per_epoch, expected) -> None:
+    assert total_steps(epochs, per_epoch) == expected
 
 
 @pytest.mark.parametrize("total, expected", [(1, 1), (7, 1), (18, 2), (80, 8), (200, 20), (5000, 20)])
@@ -40,3 +50,18 @@ def test_negative_warmup_is_refused() -> None:
 
     with pytest.raises(PrefixTuneError, match="warmup_steps"):
         TrainConfig(warmup_steps=-1)
+
+
+def test_a_run_without_a_budget_trains_80_steps_on_small_data(model_dir, data_file, tmp_path, capsys) -> None:
+    """conftest's 18 records are 6 inputs, 6 training pairs: 2 steps of 4 per epoch, so 80 steps by default, and
+    exactly one epoch with --epochs 1."""
+    import json
+
+    from prefixtune import cli
+
+    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--batch-size", "4", "--quiet"]
+    args += ["train_split=all", "projection_dim=16", "num_virtual_tokens=4"]
+    assert cli.main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 80
+    assert cli.main([*args, "--out", str(tmp_path / "one"), "--epochs", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2

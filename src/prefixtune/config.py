@@ -52,7 +52,10 @@ class TrainConfig:
     )
     # optimization
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training data"})
+    epochs: float | None = field(
+        default=None,
+        metadata={"help": "passes over the training data (default: one, or more on small data: at least 80 steps)"},
+    )
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
@@ -113,9 +116,9 @@ class TrainConfig:
             if value is None or value <= 0:
                 raise PrefixTuneError(f"{name} must be > 0, got {value!r}")
 
-        for name in ("batch_size", "grad_accum", "max_length", "log_every", "epochs"):
+        for name in ("batch_size", "grad_accum", "max_length", "log_every"):
             positive(name, allow_none=False)
-        for name in ("max_steps", "eval_every", "save_every", "early_stop", "train_size", "eval_size", "lr"):
+        for name in ("max_steps", "epochs", "eval_every", "save_every", "early_stop", "train_size", "eval_size", "lr"):
             positive(name)
         self.data = parse_data(self.data)
         if not isinstance(self.options, dict):

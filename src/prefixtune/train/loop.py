@@ -147,7 +147,7 @@ class Trainer:
         _say(self.progress, f"training data{f' of task {task.name}' if task.name else ''}: {stats.describe()}")
         per_epoch = len(data.batches(encoded, cfg.batch_size, shuffle=False, pad_id=self.pad_id))
         steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        total = cfg.max_steps or total_steps(cfg.epochs, steps_per_epoch)
         return TaskLoop(task.name, encoded, task.validation, per_epoch, total)
 
     def _build_model(self, base: Any, task_data: list[tasks.TaskData]) -> None:
@@ -402,6 +402,17 @@ class Trainer:
         return TrainResult(
             self.trained, self.out, self.step, best, stopped, *counts, self.elapsed, summary, self.skipped
         )
+
+
+AUTO_MIN_STEPS = 80  # docs/methods.md, "The budget by default": 50 E2E examples, 80 steps against 18 and 7
+
+
+def total_steps(epochs: float | None, steps_per_epoch: int) -> int:
+    """A run's steps without max_steps: `epochs` passes, or by default one pass or AUTO_MIN_STEPS steps, whichever
+    is more (one epoch of 50 examples is 7 steps of 8: far too few for any method)."""
+    if epochs is not None:
+        return max(1, math.ceil(epochs * steps_per_epoch))
+    return max(steps_per_epoch, AUTO_MIN_STEPS)
 
 
 def _say(enabled: bool, message: str) -> None:
