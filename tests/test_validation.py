@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NAMES
+from test_train_cli import _train_args
 
 from prefixtune import cli, train
 from prefixtune.config import TrainConfig
@@ -15,24 +16,8 @@ from prefixtune.train import tasks
 
 
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--quiet",
-        "train_split=all",
-        "warmup_steps=1",
-        "log_every=1",
-        "projection_dim=16",
-        "num_virtual_tokens=4",
-        *extra,
-    ]
+    """test_train_cli's command line with one warmup step (the scenarios below are tuned to it)."""
+    return _train_args(model_dir, data, out, "warmup_steps=1", *extra)
 
 
 @pytest.fixture(scope="module")
