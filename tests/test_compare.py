@@ -187,6 +187,22 @@ def test_bad_input_is_one_line_exit_2(model_dir, data_file, tmp_path, capsys, me
     assert not out.exists()
 
 
+def test_validation_at_train_sizes_needs_a_selection_split(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """eval_every at --train-sizes validates on the selection split, not on the runs' eval_split: an empty selection
+    split is refused before any run starts (4 distinct inputs leave no validation split), one line, nothing written."""
+    data_file = tmp_path / "four.jsonl"
+    data_file.write_text("".join(json.dumps({"input": f"name: {n}", "target": f"{n}."}) + "\n" for n in "ABCD"))
+    out = tmp_path / "cmp"
+    extra = ("--train-sizes", "3", "--eval-split", "all", "eval_every=2", "eval_split=train")
+    code = cli.main(_args(model_dir, data_file, out, "prefix", *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("prefixtune: error:") and "'validation' split" in err and "empty" in err, err
+    assert not out.exists()
+    extra = ("--train-sizes", "3", "--eval-split", "all")  # the same without validation during training runs
+    assert cli.main(_args(model_dir, data_file, out, "prefix", *extra)) == 0
+
+
 def test_validation_during_training_at_train_sizes_is_the_selection_split(
     model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:

@@ -192,10 +192,13 @@ def check_inputs(the_plan: Plan) -> int:
             f"--train-sizes {largest}: {settings.data} has only {available} training examples "
             f"((source, reference) pairs) in split {first.train_split!r}"
         )
-    splits = [settings.eval_split] + ([settings.select_split] if settings.sweep else [])
+    validates = largest > 0 and any(cfg.eval_every for cfg in the_plan.configs.values())  # on the selection split
+    splits = [settings.eval_split] + ([settings.select_split] if settings.sweep or validates else [])
     for split in dict.fromkeys(splits):
         if not eval_examples(first, split, settings.eval_limit):
-            hint = "; choose another --select-split, or --no-sweep" if split != settings.eval_split else ""
+            hint = ""
+            if split != settings.eval_split:
+                hint = "; choose another --select-split, or " + ("--no-sweep" if settings.sweep else "no eval_every")
             raise PrefixTuneError(f"{settings.data}: split {split!r} has no examples to evaluate{hint}")
     return available
 
