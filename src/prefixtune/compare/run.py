@@ -104,6 +104,12 @@ class Plan:
         index = self.tried(method).index(lr)
         return Job(name, method, cfg, source, size, seed, index, split, swept)
 
+    @property
+    def validates(self) -> bool:
+        """Some run validates during training (eval_every) at a train size: on the selection split, written out."""
+        sized = any(s is not None for s in self.settings.train_sizes)
+        return sized and any(cfg.eval_every for cfg in self.configs.values())
+
     def tried(self, method: str) -> list[float]:
         """A method's rates in the order they were first tried: its grid, then any rates beyond its edges."""
         return self.rates[method] + self.extended.get(method, [])
@@ -192,8 +198,7 @@ def check_inputs(the_plan: Plan) -> int:
             f"--train-sizes {largest}: {settings.data} has only {available} training examples "
             f"((source, reference) pairs) in split {first.train_split!r}"
         )
-    validates = largest > 0 and any(cfg.eval_every for cfg in the_plan.configs.values())  # on the selection split
-    splits = [settings.eval_split] + ([settings.select_split] if settings.sweep or validates else [])
+    splits = [settings.eval_split] + ([settings.select_split] if settings.sweep or the_plan.validates else [])
     for split in dict.fromkeys(splits):
         if not eval_examples(first, split, settings.eval_limit):
             hint = ""
@@ -241,7 +246,7 @@ def write_subsamples(the_plan: Plan) -> None:
         random.Random(f"prefixtune-compare-subsample-{seed}").shuffle(order)
         for size in sizes:
             _write_rows(subsample_path(the_plan.out, size, seed), [_row(pairs[i]) for i in sorted(order[:size])])
-    if any(cfg.eval_every for cfg in the_plan.configs.values()):
+    if the_plan.validates:
         held_out = eval_examples(first, settings.select_split, None)
         rows = [_row(e, ref) for e in held_out for ref in (e.references or [e.target])]
         _write_rows(validation_path(the_plan.out), rows)
