@@ -101,7 +101,7 @@ def train_steps(model: TrainableModel, steps: int, lr: float) -> list[float]:
 
 
 def test_every_method_is_registered() -> None:
-    assert set(METHODS) == {"prefix", "prompt", "lora", "adapter", "lora+prefix", "full"}
+    assert set(METHODS) == {"prefix", "prompt", "lora", "adapter", "lora+prefix", "prefix-memory", "full"}
     assert all(spec.default_lr > 0 and spec.lr_source for spec in METHODS.values())
 
 

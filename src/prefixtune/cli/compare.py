@@ -33,7 +33,9 @@ def add_arguments(sub: Any) -> None:
         "checkpoint. Method options go to one method as METHOD.OPTION=VALUE (prefix.num_virtual_tokens=10, "
         "lora.r=8, prefix.lr=5e-3); training settings (warmup_steps=50, ...) are shared.",
     )
-    p.add_argument("--methods", required=True, help="comma-separated: prefix,prompt,lora,adapter,lora+prefix,full")
+    p.add_argument(
+        "--methods", required=True, help="comma-separated: prefix,prompt,lora,adapter,lora+prefix,prefix-memory,full"
+    )
     p.add_argument("--model", default="smollm2-135m", help="built-in alias, HF id, local dir or .gguf file")
     p.add_argument("--data", default="e2e", help="built-in set (e2e, xsum, multiemo), .jsonl/.csv or hf:NAME")
     p.add_argument("--out", required=True, help="comparison directory (runs, report.md/html, plots, results.json)")

@@ -33,7 +33,9 @@ def add_arguments(sub: Any) -> None:
         "per task in one run (saved in OUT/TASK/); a file whose records carry `task` does the same",
     )
     p.add_argument("--out", help=helps["out"])
-    p.add_argument("--method", help=helps["method"] + " (prefix, prompt, lora, adapter, lora+prefix, full)")
+    p.add_argument(
+        "--method", help=helps["method"] + " (prefix, prompt, lora, adapter, lora+prefix, prefix-memory, full)"
+    )
     p.add_argument("--task", choices=["generate", "classify"], help=helps["task"])
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings")
     p.add_argument("--max-steps", type=int, help=helps["max_steps"])
