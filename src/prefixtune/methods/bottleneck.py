@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .. import atomic, peft_format
+from .. import peft_format
 from ..errors import PrefixTuneError
 from .blocks import find_blocks
+from .hooked import HookedModel
 
 CONFIG_FILE = "bottleneck_adapter.json"
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
@@ -68,20 +69,16 @@ class Bottleneck(nn.Module):
         return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
 
 
-class BottleneckModel(nn.Module):
+class BottleneckModel(HookedModel):
     """A frozen causal LM with a bottleneck adapter after each decoder layer's attention and/or MLP."""
 
     def __init__(self, model: nn.Module, config: BottleneckConfig) -> None:
-        super().__init__()
-        self.base_model = model
+        super().__init__(model)
         self.config = config
-        for param in model.parameters():
-            param.requires_grad_(False)
         blocks = find_blocks(model)
         hidden = model.get_input_embeddings().weight.shape[1]
         device = next(model.parameters()).device
         self.adapters = nn.ModuleDict()  # "{layer}_{place}" -> Bottleneck
-        self._hooks = []
         for index in range(len(blocks.layers)):
             for place in config.places:
                 module = blocks.attention(index) if place == "attn" else blocks.mlp(index)
@@ -89,25 +86,10 @@ class BottleneckModel(nn.Module):
                 self.adapters[f"{index}_{place}"] = adapter
                 self._hooks.append(module.register_forward_hook(_apply(adapter)))
 
-    def forward(self, **kwargs: Any) -> Any:
-        return self.base_model(**kwargs)
-
-    @torch.no_grad()
-    def generate(self, **kwargs: Any) -> Any:
-        return self.base_model.generate(**kwargs)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.adapters.parameters() if p.requires_grad]
 
-    def detach(self) -> nn.Module:
-        """Remove the hooks and give back the base model as it was."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        return self.base_model
-
     def save_trained(self, directory: str | os.PathLike[str]) -> None:
-        directory = Path(directory)
         meta = {
             "method": "adapter",
             "format_version": 1,
@@ -116,13 +98,7 @@ class BottleneckModel(nn.Module):
             "hidden_size": self.base_model.get_input_embeddings().weight.shape[1],
             "base_model_name_or_path": peft_format.model_name(self.base_model),
         }
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            atomic.atomic_save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
-            atomic.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-        except OSError as e:
-            raise PrefixTuneError(f"cannot write the adapter to {directory}: {e.strerror}") from None
+        self.write(directory, meta, self.adapters.state_dict(), CONFIG_FILE, WEIGHTS_FILE, "adapter")
 
 
 def _apply(adapter: Bottleneck) -> Any:

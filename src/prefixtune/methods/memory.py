@@ -33,9 +33,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from .. import atomic, peft_format
+from .. import peft_format
 from ..errors import PrefixTuneError
 from .blocks import find_blocks
+from .hooked import HookedModel
 
 CONFIG_FILE = "prefix_memory.json"
 WEIGHTS_FILE = "prefix_memory.safetensors"
@@ -71,15 +72,12 @@ def _projections(attention: nn.Module) -> tuple[nn.Linear, nn.Linear, int]:
     return q_proj, o_proj, head_dim
 
 
-class PrefixMemoryModel(nn.Module):
+class PrefixMemoryModel(HookedModel):
     """A frozen causal LM whose every attention head adds phi(q) M_h to its output."""
 
     def __init__(self, model: nn.Module, config: PrefixMemoryConfig) -> None:
-        super().__init__()
-        self.base_model = model
+        super().__init__(model)
         self.config = config
-        for param in model.parameters():
-            param.requires_grad_(False)
         blocks = find_blocks(model)
         attentions = [blocks.attention(i) for i in range(len(blocks.layers))]
         shapes = [_projections(a) for a in attentions]
@@ -87,7 +85,6 @@ class PrefixMemoryModel(nn.Module):
         self.memory = nn.ParameterList(
             nn.Parameter(torch.zeros(q.out_features // d, d, d, device=device)) for q, _, d in shapes
         )  # one (H, D, D) per layer, float32
-        self._hooks = []
         for attention, (q_proj, o_proj, head_dim), memory in zip(attentions, shapes, self.memory):
             inputs: list[torch.Tensor] = []
             self._hooks.append(attention.register_forward_pre_hook(_keep_input(inputs), with_kwargs=True))
@@ -95,25 +92,10 @@ class PrefixMemoryModel(nn.Module):
                 attention.register_forward_hook(_add_memory(inputs, q_proj, o_proj, head_dim, memory, config))
             )
 
-    def forward(self, **kwargs: Any) -> Any:
-        return self.base_model(**kwargs)
-
-    @torch.no_grad()
-    def generate(self, **kwargs: Any) -> Any:
-        return self.base_model.generate(**kwargs)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.memory)
 
-    def detach(self) -> nn.Module:
-        """Remove the hooks and give back the base model as it was."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        return self.base_model
-
     def save_trained(self, directory: str | os.PathLike[str]) -> None:
-        directory = Path(directory)
         meta = {
             "method": "prefix-memory",
             "format_version": 1,
@@ -121,13 +103,8 @@ class PrefixMemoryModel(nn.Module):
             "shapes": [list(m.shape) for m in self.memory],
             "base_model_name_or_path": peft_format.model_name(self.base_model),
         }
-        tensors = {f"memory.{i}": m.detach().float().cpu().contiguous() for i, m in enumerate(self.memory)}
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            atomic.atomic_save_tensors(tensors, directory / WEIGHTS_FILE, {"format": "pt"})
-            atomic.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-        except OSError as e:
-            raise PrefixTuneError(f"cannot write the prefix memory to {directory}: {e.strerror}") from None
+        tensors = {f"memory.{i}": m for i, m in enumerate(self.memory)}
+        self.write(directory, meta, tensors, CONFIG_FILE, WEIGHTS_FILE, "prefix memory")
 
 
 def _keep_input(inputs: list[torch.Tensor]) -> Any:
