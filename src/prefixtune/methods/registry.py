@@ -137,9 +137,9 @@ METHODS: dict[str, MethodSpec] = {
             memory.PrefixMemoryConfig,
             memory.build_memory,
             memory.load_memory,
-            3e-4,
-            "Wang et al. 2026 (PrefixMemory-Tuning) give no rate for this reading; 1e-3 raised smollm2-135m's "
-            "training loss from 1.9 to 2.4..3.3 within 6 steps; 3e-4 is the centre of compare's sweep",
+            8e-3,
+            "Wang et al. 2026 (PrefixMemory-Tuning) give no rate for this reading; the best of 1e-4..2.4e-2 on E2E "
+            "validation at 50 examples and 18 steps (docs/methods.md, levers)",
         ),
         MethodSpec(
             "full", full.FullConfig, full.build_full, full.load_full, 5e-5, "Li & Liang 2021 fine-tuning baseline: 5e-5"
