@@ -27,7 +27,11 @@ def llama_with_biases(seed: int = 0) -> LlamaForCausalLM:
         max_position_embeddings=128,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # transformers initializes biases to zero, which would hide a second one
+            torch.nn.init.normal_(layer.self_attn.o_proj.bias)
+    return model
 
 
 def inputs() -> dict[str, torch.Tensor]:
