@@ -335,3 +335,11 @@ def test_parameter_counts() -> None:
     model = build_method("prompt", tiny_llama(), {"num_virtual_tokens": 4})
     trainable, total = parameter_counts(model)
     assert trainable == 4 * 32 and total == trainable + sum(p.numel() for p in tiny_llama().parameters())
+
+
+def test_a_hooked_method_missing_its_weights_file_is_a_clear_error(tmp_path) -> None:
+    """Before the shared reader, a bottleneck directory without its safetensors file raised a TypeError."""
+    build_method("adapter", tiny_llama(), {"bottleneck_dim": 8}).save_trained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "bottleneck_adapter.safetensors").unlink()
+    with pytest.raises(PrefixTuneError, match="not a bottleneck-adapter directory.*safetensors missing"):
+        load_trained(tiny_llama(), tmp_path / "adapter")

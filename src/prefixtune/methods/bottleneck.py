@@ -11,20 +11,18 @@ Saved as `bottleneck_adapter.json` + `bottleneck_adapter.safetensors` (names PEF
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import peft_format
 from ..errors import PrefixTuneError
 from .blocks import find_blocks
-from .hooked import HookedModel
+from .hooked import HookedModel, read_saved
 
 CONFIG_FILE = "bottleneck_adapter.json"
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
@@ -116,21 +114,9 @@ def build_bottleneck(model: nn.Module, config: BottleneckConfig, tokenizer: Any 
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> BottleneckModel:
     directory = Path(directory)
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = load_file(directory / WEIGHTS_FILE)
-    except FileNotFoundError as e:
-        raise PrefixTuneError(
-            f"{directory} is not a bottleneck-adapter directory ({Path(e.filename).name} missing)"
-        ) from None
-    except Exception as e:  # bad JSON, corrupt safetensors
-        raise PrefixTuneError(f"{directory}: cannot read the bottleneck adapter ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
-        raise PrefixTuneError(f"{directory / CONFIG_FILE}: missing the 'adapter' block; re-save the adapter")
-    try:
-        config = BottleneckConfig(**meta["adapter"])
-    except TypeError as e:
-        raise PrefixTuneError(f"{directory / CONFIG_FILE}: bad 'adapter' block ({e})") from None
+    meta, tensors, config = read_saved(
+        directory, CONFIG_FILE, WEIGHTS_FILE, "adapter", BottleneckConfig, "bottleneck-adapter"
+    )
     # the config sizes the layers about to be made: it must agree with the saved weights first (a damaged
     # bottleneck_dim of 10**9 would otherwise allocate gigabytes before load_state_dict could refuse it)
     sizes = {tuple(t.shape)[:1] for k, t in tensors.items() if k.endswith(".down.weight")}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import atomic
@@ -58,3 +59,23 @@ class HookedModel(nn.Module):
             atomic.atomic_write_bytes(directory / config_file, (json.dumps(meta, indent=2) + "\n").encode())
         except OSError as e:
             raise PrefixTuneError(f"cannot write the {what} to {directory}: {e.strerror}") from None
+
+
+def read_saved(directory: Path, config_file: str, weights_file: str, block: str, config_class: type, kind: str):
+    """(meta, tensors, config) from a directory `HookedModel.write` wrote; every way it can be broken is one
+    PrefixTuneError naming the directory (`kind`: "bottleneck-adapter", "prefix-memory")."""
+    missing = [name for name in (config_file, weights_file) if not (directory / name).is_file()]
+    if missing:
+        raise PrefixTuneError(f"{directory} is not a {kind} directory ({', '.join(missing)} missing)")
+    try:
+        meta = json.loads((directory / config_file).read_text())
+        tensors = load_file(directory / weights_file)
+    except Exception as e:  # bad JSON, corrupt safetensors
+        raise PrefixTuneError(f"{directory}: cannot read the {kind} files ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get(block), dict):
+        raise PrefixTuneError(f"{directory / config_file}: missing the '{block}' block; re-save the adapter")
+    try:
+        config = config_class(**meta[block])
+    except TypeError as e:
+        raise PrefixTuneError(f"{directory / config_file}: bad '{block}' block ({e})") from None
+    return meta, tensors, config

@@ -22,21 +22,19 @@ Saved as `prefix_memory.json` + `prefix_memory.safetensors` (names PEFT does not
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from .. import peft_format
 from ..errors import PrefixTuneError
 from .blocks import find_blocks
-from .hooked import HookedModel
+from .hooked import HookedModel, read_saved
 
 CONFIG_FILE = "prefix_memory.json"
 WEIGHTS_FILE = "prefix_memory.safetensors"
@@ -145,20 +143,9 @@ def build_memory(model: nn.Module, config: PrefixMemoryConfig, tokenizer: Any = 
 
 def load_memory(model: nn.Module, directory: str | os.PathLike[str]) -> PrefixMemoryModel:
     directory = Path(directory)
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise PrefixTuneError(f"{directory} is not a prefix-memory directory ({', '.join(missing)} missing)")
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = load_file(directory / WEIGHTS_FILE)
-    except Exception as e:  # bad JSON, corrupt safetensors
-        raise PrefixTuneError(f"{directory}: cannot read the prefix memory ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("memory"), dict):
-        raise PrefixTuneError(f"{directory / CONFIG_FILE}: missing the 'memory' block; re-save the adapter")
-    try:
-        config = PrefixMemoryConfig(**meta["memory"])
-    except TypeError as e:
-        raise PrefixTuneError(f"{directory / CONFIG_FILE}: bad 'memory' block ({e})") from None
+    meta, tensors, config = read_saved(
+        directory, CONFIG_FILE, WEIGHTS_FILE, "memory", PrefixMemoryConfig, "prefix-memory"
+    )
     wrapped = PrefixMemoryModel(model, config)
     expected = {f"memory.{i}": tuple(m.shape) for i, m in enumerate(wrapped.memory)}
     found = {k: tuple(t.shape) for k, t in tensors.items()}
