@@ -54,8 +54,9 @@ def test_starts_as_the_base_model_and_detaches_cleanly() -> None:
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 def test_the_term_is_phi_of_the_query_times_the_memory_before_o_proj(feature_map: str, normalize: bool) -> None:
-    """Reference: the same term added to o_proj's *input* (the heads' attention outputs) by a pre-hook; ours adds
-    it after o_proj through o_proj's weight. Equal only if the bias is not counted twice and the heads line up."""
+    """Reference: the term from a query recomputed with q_proj from the attention module's own input, added to
+    o_proj's input (the heads' attention outputs). Equal only if ours takes the query the model computed, lines the
+    heads up and adds the term once, inside o_proj (its bias counted once)."""
     torch.manual_seed(1)
     memories = [torch.randn(4, 8, 8) * 0.3 for _ in range(2)]
     reference_model = llama_with_biases()

@@ -12,10 +12,10 @@ the memory does not depend on positions); M starts at zero, so training starts e
 denominator is linear attention's normalizer for a memory whose keys sum to one: it makes the term a weighted mean of
 M's rows, in the units of the values whatever the size of the model's queries (`normalize=false` drops it; without
 it one AdamW step at 1e-3 moved smollm2-135m's training loss from 1.9 to 11, its queries being large). The
-term enters through forward hooks on each attention module: its `q_proj` makes the query from the module's input and
-the term passes through the module's own `o_proj` (linear, so o_proj(attn + t) = o_proj(attn) + t W_o^T), which
-needs no per-architecture code beyond those two projections (Llama, Mistral, Qwen, Gemma ...); models without
-them are refused in one line. A query costs one more q_proj; decoding needs no cache of its own.
+term enters through two hooks per attention module: one keeps the output of its `q_proj` (the query the model
+computes anyway), the other adds the term to the input of its `o_proj` (the heads' attention outputs). That needs
+no per-architecture code beyond those two projections (Llama, Mistral, Qwen, Gemma ...); models without them are
+refused in one line. No projection runs twice; decoding needs no cache of its own.
 
 Saved as `prefix_memory.json` + `prefix_memory.safetensors` (names PEFT does not claim).
 """
@@ -83,12 +83,10 @@ class PrefixMemoryModel(HookedModel):
         self.memory = nn.ParameterList(
             nn.Parameter(torch.zeros(q.out_features // d, d, d, device=device)) for q, _, d in shapes
         )  # one (H, D, D) per layer, float32
-        for attention, (q_proj, o_proj, head_dim), memory in zip(attentions, shapes, self.memory):
-            inputs: list[torch.Tensor] = []
-            self._hooks.append(attention.register_forward_pre_hook(_keep_input(inputs), with_kwargs=True))
-            self._hooks.append(
-                attention.register_forward_hook(_add_memory(inputs, q_proj, o_proj, head_dim, memory, config))
-            )
+        for (q_proj, o_proj, head_dim), memory in zip(shapes, self.memory):
+            queries: list[torch.Tensor] = []
+            self._hooks.append(q_proj.register_forward_hook(_keep_query(queries)))
+            self._hooks.append(o_proj.register_forward_pre_hook(_add_memory(queries, head_dim, memory, config)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.memory)
@@ -105,36 +103,24 @@ class PrefixMemoryModel(HookedModel):
         self.write(directory, meta, tensors, CONFIG_FILE, WEIGHTS_FILE, "prefix memory")
 
 
-def _keep_input(inputs: list[torch.Tensor]) -> Any:
-    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        inputs[:] = [hidden]
+def _keep_query(queries: list[torch.Tensor]) -> Any:
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        queries[:] = [output]  # (B, T, H * D)
 
-    return pre_hook
+    return hook
 
 
-def _add_memory(
-    inputs: list[torch.Tensor],
-    q_proj: nn.Linear,
-    o_proj: nn.Linear,
-    head_dim: int,
-    memory: nn.Parameter,
-    config: PrefixMemoryConfig,
-) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = inputs.pop()
-        query = q_proj(hidden)  # (B, T, H * D)
+def _add_memory(queries: list[torch.Tensor], head_dim: int, memory: nn.Parameter, config: PrefixMemoryConfig) -> Any:
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        query = queries.pop()
         query = query.view(*query.shape[:-1], -1, head_dim).to(memory.dtype)  # (B, T, H, D)
         phi = F.elu(query) + 1 if config.feature_map == "elu" else F.relu(query)
         if config.normalize:
             phi = phi / phi.sum(-1, keepdim=True).clamp_min(1e-6)
         term = torch.einsum("bthd,hde->bthe", phi, memory).flatten(-2)  # (B, T, H * D)
-        added = F.linear(term.to(o_proj.weight.dtype), o_proj.weight)  # through o_proj, without its bias
-        if isinstance(output, tuple):  # attention modules return (hidden, weights, ...)
-            return (output[0] + added, *output[1:])
-        return output + added
+        return (args[0] + term.to(args[0].dtype), *args[1:])  # o_proj's input: the heads' attention outputs
 
-    return hook
+    return pre_hook
 
 
 def build_memory(model: nn.Module, config: PrefixMemoryConfig, tokenizer: Any = None) -> PrefixMemoryModel:
