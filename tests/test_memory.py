@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_methods import VOCAB, batch, tiny_gpt2, tiny_llama, train_steps
+from test_methods import batch, tiny_gpt2, tiny_llama, train_steps
 from torch.nn import functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from prefixtune import PrefixTuneError
 from prefixtune.methods.memory import PrefixMemoryModel
@@ -15,19 +15,7 @@ from prefixtune.methods.registry import build_method, detect_method, load_traine
 
 def llama_with_biases(seed: int = 0) -> LlamaForCausalLM:
     """attention_bias=True gives o_proj a bias, which the memory's term must not add a second time."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed, num_hidden_layers=2, attention_bias=True)
     with torch.no_grad():
         for layer in model.model.layers:  # transformers initializes biases to zero, which would hide a second one
             torch.nn.init.normal_(layer.self_attn.o_proj.bias)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from typing import Any
 
 import peft
 import pytest
@@ -28,9 +29,9 @@ VOCAB = 64
 warnings.filterwarnings("ignore", message=".*(attention mask|pad token|Unexpected keyword|is_gradient_checkpointing).*")
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, **config_overrides: Any) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -42,7 +43,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config_overrides})).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
