@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,8 +49,20 @@ def _torchrun(*args: str) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port, *args]
 
 
-def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+def _run(command: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run a launcher; past `timeout` every process it started dumps its threads' stacks (faulthandler, on SIGABRT)
+    into the failure message, so that a hang says where it hangs."""
+    env = {**_env(), "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGABRT)
+            out, err = process.communicate(timeout=60)
+            pytest.fail(f"{command[0]} still running after {timeout} s; the stacks:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def _train_args(model_dir: Path, out: Path, *data: str, steps: int | None, batch: int = 3) -> list[str]:
