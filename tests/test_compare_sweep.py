@@ -291,3 +291,44 @@ def test_the_cli_refuses_a_negative_sweep_extend_or_one_without_a_sweep(model_di
         assert cli.main([*args, *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_the_metric_picks_the_winner_where_bleu_and_rouge_disagree() -> None:
+    records = [
+        {"lr": 1e-3, "rate_index": 0, "select_scores": {"bleu": 12.0, "rougeL": 30.0, "loss": 1.0}},
+        {"lr": 3e-3, "rate_index": 1, "select_scores": {"bleu": 10.0, "rougeL": 35.0, "loss": 1.0}},
+    ]
+    assert sweep.choose(records, report.quality_key(records, "select_scores"))["lr"] == 1e-3  # bleu by default
+    assert sweep.choose(records, report.quality_key(records, "select_scores", "rougeL"))["lr"] == 3e-3
+    labelled = [{"select_scores": {"accuracy": 0.5, "loss": 1.0}}]
+    assert report.quality_key(labelled, "select_scores", "rougeL") == "accuracy"  # classification stays accuracy
+
+
+def test_a_rouge_comparison_reports_and_bootstraps_rouge(model_dir, data_file, tmp_path) -> None:
+    settings = _settings(model_dir, data_file, seeds=[0], metric="rougeL")
+    raw = run_compare(settings, tmp_path / "cmp", progress=False, launch=Launches())
+    assert raw["quality_metric"] == "rougeL" and raw["settings"]["metric"] == "rougeL"
+    tried = [r for r in raw["sweep"]]
+    assert [r["lr"] for r in tried if r.get("won")] == [sweep.choose(tried, "rougeL")["lr"]] == [raw["runs"][0]["lr"]]
+    tables = [r["example_stats"]["rougeL"] for r in raw["runs"]]
+    expected = metrics.bootstrap_interval("rougeL", tables, resamples=200, seed=0)
+    assert raw["intervals"][group_name(raw["runs"][0])] == [round(v, 4) for v in expected]
+    assert raw["summary"][0]["interval_95"]["metric"] == "rougeL"
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "ROUGE-L 95% interval (test inputs)" in md and "validation rougeL per rate tried" in md
+    assert "the quality metric is ROUGE-L" in md
+    before = {str(p): p.read_bytes() for p in sorted((tmp_path / "cmp").rglob("*")) if p.is_file()}
+    with pytest.raises(PrefixTuneError, match="metric differ"):  # another metric would pick other winners
+        run_compare(_settings(model_dir, data_file, seeds=[0]), tmp_path / "cmp", launch=Launches())
+    assert before == {str(p): p.read_bytes() for p in sorted((tmp_path / "cmp").rglob("*")) if p.is_file()}
+
+
+def test_the_cli_refuses_a_generation_metric_for_classification(model_dir, tmp_path, capsys) -> None:
+    labelled = tmp_path / "labels.jsonl"
+    rows = [{"input": f"review {i}", "label": ("good", "bad")[i % 2]} for i in range(12)]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "prefix", "--model", str(model_dir), "--data", str(labelled), "--out", str(out)]
+    assert cli.main([*args, "--metric", "rougeL", "--no-sweep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "classification, scored by accuracy" in err and len(err.splitlines()) == 1 and not out.exists()

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..compare import (
+    GENERATION_METRICS,
     CompareSettings,
     main_table,
     markdown,
@@ -75,6 +76,12 @@ def add_arguments(sub: Any) -> None:
     p.add_argument(
         "--bootstrap", type=int, default=1000, help="resamples of the test inputs for the 95%% interval (0: none)"
     )
+    p.add_argument(
+        "--metric",
+        choices=list(GENERATION_METRICS),
+        help="generation's quality metric: picks the swept rates, heads the report, gets the interval "
+        "(default bleu; rougeL for summaries); classification is always scored by accuracy",
+    )
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
     p.add_argument("--eval-split", default="test", choices=["train", "validation", "test", "all"], help="scored split")
     p.add_argument("--eval-limit", type=int, help="score only the first N inputs of the split")
@@ -123,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
         select_split=args.select_split,
         bootstrap=args.bootstrap,
         bootstrap_seed=args.bootstrap_seed,
+        metric=args.metric,
     )
     if args.lr_sweep:
         settings.lr_factors = parse_factors(args.lr_sweep)
     results = run_compare(settings, args.out, progress=not args.quiet)
     intervals = results["intervals"] if settings.bootstrap else None
-    print(markdown(*main_table(results["runs"], intervals, results["sweep"])))
+    print(markdown(*main_table(results["runs"], intervals, results["sweep"], results["quality_metric"])))
     print(f"\nreport in {args.out}: {', '.join(results['files'])}")
     return 0

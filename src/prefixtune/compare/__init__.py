@@ -9,7 +9,7 @@ intervals.py  bootstrap intervals over test inputs, the sweep's tables
 report.py     report.md / report.html, the tables and the plots
 """
 
-from .report import main_table, markdown
+from .report import GENERATION_METRICS, main_table, markdown
 from .run import Job, Plan, plan, run_compare, write_job
 from .settings import (
     CompareSettings,
@@ -22,6 +22,7 @@ from .settings import (
 )
 
 __all__ = [
+    "GENERATION_METRICS",
     "CompareSettings",
     "Job",
     "Plan",

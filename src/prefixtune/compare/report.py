@@ -24,9 +24,17 @@ from . import intervals as ci
 PNG_FILES = ("loss_curves.png", "quality_vs_params.png", "quality_vs_train_size.png")
 
 
-def quality_key(runs: list[dict[str, Any]], scores: str = "scores") -> str:
-    """bleu for generation, accuracy for classification (`scores`: the runs' field, e.g. select_scores)."""
-    return "accuracy" if any("accuracy" in r.get(scores, {}) for r in runs) else "bleu"
+GENERATION_METRICS = {"bleu": "BLEU", "rougeL": "ROUGE-L"}  # compare --metric: name in the scores -> label
+
+
+def quality_key(runs: list[dict[str, Any]], scores: str = "scores", metric: str | None = None) -> str:
+    """Accuracy for classification, else `metric` (compare --metric; default bleu). `scores`: the runs' field
+    holding the scores, e.g. select_scores."""
+    return "accuracy" if any("accuracy" in r.get(scores, {}) for r in runs) else metric or "bleu"
+
+
+def label(key: str) -> str:
+    return GENERATION_METRICS.get(key, "accuracy (%)" if key == "accuracy" else key)
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -73,13 +81,14 @@ def main_table(
     runs: list[dict[str, Any]],
     intervals: dict[str, list[float]] | None = None,
     swept: list[dict[str, Any]] | None = None,
+    key: str | None = None,
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (one row per method and train size).
 
-    `intervals` (results.json's, by `ci.group_name`) adds the bootstrap 95% interval of the quality; `swept` (the
-    sweep's runs) adds the validation score of every rate tried, the winner starred.
+    `intervals` (results.json's, by `ci.group_name`) adds the bootstrap 95% interval of the quality `key` (default:
+    `quality_key`); `swept` (the sweep's runs) adds the validation score of every rate tried, the winner starred.
     """
-    key = quality_key(runs)
+    key = key or quality_key(runs)
     header = [
         "method",
         "train size",
@@ -95,7 +104,7 @@ def main_table(
     ]
     header += ["accuracy"] if key == "accuracy" else ["BLEU", "ROUGE-L", "test loss"]
     if intervals is not None:
-        header.append(f"{'accuracy' if key == 'accuracy' else 'BLEU'} 95% interval (test inputs)")
+        header.append(f"{'accuracy' if key == 'accuracy' else label(key)} 95% interval (test inputs)")
     if swept:
         header.append(f"validation {key} per rate tried (* won)")
     rows = []
@@ -141,13 +150,13 @@ def _size(run: dict[str, Any]) -> str:
     return str(run["train_size"]) if run.get("train_size") else f"all ({run.get('train_examples', '?')})"
 
 
-def size_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+def size_table(runs: list[dict[str, Any]], key: str | None = None) -> tuple[list[str], list[list[str]]] | None:
     """Quality per method (rows) and train size (columns), mean ± sd over seeds; None with one size only."""
     trained = [r for r in runs if r["method"] != "untuned"]
     sizes = sorted({r.get("train_size") or 0 for r in trained})
     if len(sizes) < 2:
         return None
-    key = quality_key(runs)
+    key = key or quality_key(runs)
     header = ["method"] + [f"{key} @ {s or 'all'}" for s in sizes]
     rows = []
     for method in dict.fromkeys(r["method"] for r in trained):
@@ -182,7 +191,8 @@ def _describe(settings: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         f"Model `{settings['model']}`, data `{settings['data']}`; every method trains {settings['max_steps']} steps "
         f"of batch {settings['batch_size']} (seeds {', '.join(map(str, settings['seeds']))}) at its own "
         f"{'swept' if settings.get('sweep') else 'default'} learning rate, each run in its own process, one at a "
-        f"time. Scored on split `{settings['eval_split']}` ({examples} inputs{limit}). {ci.describe(settings)} "
+        f"time. Scored on split `{settings['eval_split']}` ({examples} inputs{limit}); the quality metric is "
+        f"{label(quality_key(runs, metric=settings.get('metric')))}. {ci.describe(settings)} "
         "Peak RSS is the process's high-water mark at the end "
         "of training; it includes Python, torch and the base model, the same for every row (the part in "
         "parentheses is what training added after the model was loaded); a run resumed from a checkpoint shows "
@@ -195,10 +205,10 @@ def write_report(
 ) -> dict[str, Any]:
     """Write every report file into `out`; returns the raw results (results.json)."""
     swept = swept or []
-    plots = [plot_losses(runs, out / PNG_FILES[0]), plot_quality_vs_params(runs, out / PNG_FILES[1])]
-    plots.append(plot_quality_vs_size(runs, out / PNG_FILES[2]))
+    key = quality_key(runs, metric=settings.get("metric"))
+    plots = [plot_losses(runs, out / PNG_FILES[0]), plot_quality_vs_params(runs, out / PNG_FILES[1], key)]
+    plots.append(plot_quality_vs_size(runs, out / PNG_FILES[2], key))
     names = ["report.md", "report.html", "results.json"] + [p.name for p in plots if p]
-    key = quality_key(runs)
     intervals = ci.group_intervals(runs, key, settings)
     raw = {
         "settings": settings,
@@ -211,8 +221,8 @@ def write_report(
         "chosen_lr": ci.chosen_rates(runs, swept),
     }
     atomic_write_bytes(out / "results.json", (json.dumps(raw, indent=2) + "\n").encode())
-    tables = [("Methods", main_table(runs, intervals if settings.get("bootstrap") else None, swept))]
-    by_size = size_table(runs)
+    tables = [("Methods", main_table(runs, intervals if settings.get("bootstrap") else None, swept, key))]
+    by_size = size_table(runs, key)
     if by_size:
         tables.append((f"{key} by training-set size", by_size))
     if swept:
@@ -282,9 +292,9 @@ def plot_losses(runs: list[dict[str, Any]], png: Path) -> Path:
     return _save(fig, png)
 
 
-def plot_quality_vs_params(runs: list[dict[str, Any]], png: Path) -> Path:
+def plot_quality_vs_params(runs: list[dict[str, Any]], png: Path, key: str | None = None) -> Path:
     """Quality against trainable parameters (filled) and saved parameters (hollow, where they differ), log x."""
-    key = quality_key(runs)
+    key = key or quality_key(runs)
     fig, ax = _figure()
     largest: dict[str, float] = {}
     for run in runs:
@@ -304,19 +314,19 @@ def plot_quality_vs_params(runs: list[dict[str, Any]], png: Path) -> Path:
             ax.plot([saved, trainable], [quality, quality], ":", color=point.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (hollow: saved parameters)")
-    ax.set_ylabel(key.upper() if key == "bleu" else "accuracy (%)")
+    ax.set_ylabel(label(key))
     ax.set_title(f"{key} vs parameters")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return _save(fig, png)
 
 
-def plot_quality_vs_size(runs: list[dict[str, Any]], png: Path) -> Path | None:
+def plot_quality_vs_size(runs: list[dict[str, Any]], png: Path, key: str | None = None) -> Path | None:
     """Quality against training-set size, mean ± sd over seeds, one line per method; None with one size."""
-    if size_table(runs) is None:
+    key = key or quality_key(runs)
+    if size_table(runs, key) is None:
         png.unlink(missing_ok=True)
         return None
-    key = quality_key(runs)
     fig, ax = _figure()
     for method in dict.fromkeys(r["method"] for r in runs if r["method"] != "untuned"):
         points = []
@@ -331,7 +341,7 @@ def plot_quality_vs_size(runs: list[dict[str, Any]], png: Path) -> Path | None:
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
     ax.set_xscale("log")
     ax.set_xlabel("training examples")
-    ax.set_ylabel(key.upper() if key == "bleu" else "accuracy (%)")
+    ax.set_ylabel(label(key))
     ax.set_title(f"{key} vs training-set size (mean ± sd over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")

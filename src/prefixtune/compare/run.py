@@ -200,11 +200,16 @@ def check_inputs(the_plan: Plan) -> int:
         )
     splits = [settings.eval_split] + ([settings.select_split] if settings.sweep or the_plan.validates else [])
     for split in dict.fromkeys(splits):
-        if not eval_examples(first, split, settings.eval_limit):
+        examples = eval_examples(first, split, settings.eval_limit)
+        if not examples:
             hint = ""
             if split != settings.eval_split:
                 hint = "; choose another --select-split, or " + ("--no-sweep" if settings.sweep else "no eval_every")
             raise PrefixTuneError(f"{settings.data}: split {split!r} has no examples to evaluate{hint}")
+        if settings.metric and (first.task == "classify" or all(e.label is not None for e in examples)):
+            raise PrefixTuneError(
+                f"--metric {settings.metric}: {settings.data} is classification, scored by accuracy; drop --metric"
+            )
     return available
 
 
@@ -316,7 +321,7 @@ def run_compare(
         for method in settings.methods:
             for size in the_plan.swept:
                 tried = [r for r in swept if r["method"] == method and r.get("train_size") == size]
-                winner = sweep.choose(tried, report.quality_key(tried, "select_scores"))
+                winner = sweep.choose(tried, report.quality_key(tried, "select_scores", settings.metric))
                 for _ in range(settings.sweep_extend):  # the best rate may lie beyond the grid's edge
                     rate = sweep.beyond_edge([r["lr"] for r in tried], winner["lr"])
                     if rate is None:
@@ -327,7 +332,7 @@ def run_compare(
                     job = the_plan.job(method, size, settings.seeds[0], rate, settings.select_split, True)
                     tried.append({**run(job), "rate_index": job.rate_index, "beyond_grid": True})
                     swept.append(tried[-1])
-                    winner = sweep.choose(tried, report.quality_key(tried, "select_scores"))
+                    winner = sweep.choose(tried, report.quality_key(tried, "select_scores", settings.metric))
                 winner["won"] = True
                 winners[(method, size)] = winner["lr"]
         for job in the_plan.final_jobs(winners, available):

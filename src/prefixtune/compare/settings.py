@@ -54,6 +54,7 @@ class CompareSettings:
     sweep_extend: int = 1
     select_split: str = "validation"  # the split the rates are scored on
     bootstrap: int = 1000  # resamples of the test inputs for the 95% interval (0: none)
+    metric: str | None = None  # generation's quality metric (bleu, rougeL; None: bleu); classification: accuracy
     bootstrap_seed: int = 0
 
 
