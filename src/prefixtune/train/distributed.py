@@ -155,8 +155,14 @@ class Runtime:
             offset += n
 
     def close(self) -> None:
+        """End the run on every process. The caller has dropped its prepared (DDP) model: when a DDP Reducer holds
+        the last reference to the gloo group, freeing it (with the GIL held) joins gloo's worker threads, and one
+        of them may still need the GIL to free a finished collective's tensors: a deadlock at exit, seen in about
+        one of four two-process CPU runs. Freed here first, the group goes in destroy_process_group, whose binding
+        lets go of the GIL while the threads finish."""
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.barrier()
+            self.accelerator.free_memory()  # accelerate's references to the prepared model; collects the garbage
             torch.distributed.destroy_process_group()
 
 

@@ -62,6 +62,7 @@ def train(
     trainer = Trainer(cfg, runtime, resume=resume, progress=progress)
     trainer.setup(model_and_tokenizer)
     result = trainer.train()
+    trainer.model = None  # the DDP wrapper goes before the process group does (Runtime.close)
     runtime.close()
     return result
 
