@@ -206,7 +206,7 @@ def check_inputs(the_plan: Plan) -> int:
             if split != settings.eval_split:
                 hint = "; choose another --select-split, or " + ("--no-sweep" if settings.sweep else "no eval_every")
             raise PrefixTuneError(f"{settings.data}: split {split!r} has no examples to evaluate{hint}")
-        if settings.metric and (first.task == "classify" or all(e.label is not None for e in examples)):
+        if settings.metric and classifies(first, examples):
             raise PrefixTuneError(
                 f"--metric {settings.metric}: {settings.data} is classification, scored by accuracy; drop --metric"
             )
@@ -222,6 +222,11 @@ def eval_examples(cfg: TrainConfig, split: str, limit: int | None) -> list[Any]:
         target_field=cfg.target_field,
     )
     return examples[:limit]
+
+
+def classifies(cfg: TrainConfig, examples: list[Any]) -> bool:
+    """Whether the runs score these examples as classification (accuracy) rather than generation."""
+    return cfg.task == "classify" or all(e.label is not None for e in examples)
 
 
 def subsample_path(out: Path, size: int, seed: int) -> Path:

@@ -35,7 +35,7 @@ from ..models import load_model
 from ..train import checkpoint, tasks
 from ..train.distributed import Runtime
 from ..train.placement import training_placement
-from .run import EVAL_DATA_FIELDS, RESULT_FILE, TEST_RESULT_FILE, UNTUNED, eval_examples
+from .run import EVAL_DATA_FIELDS, RESULT_FILE, TEST_RESULT_FILE, UNTUNED, classifies, eval_examples
 
 
 def _load_placed(cfg: TrainConfig, trains: bool) -> tuple[Any, Any]:
@@ -66,7 +66,7 @@ def score(model: Any, tokenizer: Any, cfg: TrainConfig, job: dict[str, Any], run
     spec = job["eval"]
     source = replace(cfg, **{k: spec["data"][k] for k in EVAL_DATA_FIELDS}) if "data" in spec else cfg
     examples = eval_examples(source, spec["split"], spec["limit"])
-    classify = cfg.task == "classify" or all(e.label is not None for e in examples)
+    classify = classifies(cfg, examples)
     labels = None
     if classify:
         labels = data.label_names(eval_examples(source, "all", None)) or None
