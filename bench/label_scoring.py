@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from prefixtune import data
+from prefixtune.atomic import atomic_write_bytes
 from prefixtune.eval.likelihood import continues_cache, label_loglikelihoods
 
 LABELS = ["positive", "negative", "neutral", "ambivalent"]
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write_bytes(args.out, (text + "\n").encode())
     return 0
 
 
