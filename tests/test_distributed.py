@@ -3,6 +3,7 @@ the same global batch, only process 0 writes, resume across process counts, mism
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,10 +61,36 @@ def _run(command: list[str], cwd: Path, timeout: float = 240) -> subprocess.Comp
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # torch's elastic agent starts each worker in a session of its own, out of the launcher's group: signal
+            # every descendant by pid (workers first, so their stacks come before the launcher's), then the group.
+            stuck = psutil.Process(process.pid).children(recursive=True)
+            for child in reversed(stuck):
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signal.SIGABRT)
             os.killpg(process.pid, signal.SIGABRT)
             out, err = process.communicate(timeout=60)
+            for child in stuck:  # none may outlive the test (a worker that ignored the signal)
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
             pytest.fail(f"{command[0]} still running after {timeout} s; the stacks:\n{err[-20000:]}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def test_a_hung_launch_reports_every_process_stack_and_leaves_none_behind(tmp_path: Path) -> None:
+    """The harness itself: a launcher whose worker hangs in a session of its own (as torch's elastic agent starts
+    them) fails the test with the worker's stack, and the worker does not outlive it."""
+    worker = "import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(600)"
+    launcher = (
+        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True).wait()"
+    )
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _run([sys.executable, "-c", launcher], tmp_path, timeout=5)
+    assert "still running after 5 s" in str(failed.value)
+    assert str(failed.value).count("Current thread") >= 2  # faulthandler's dump of the worker and the launcher
+    pid = int((tmp_path / "pid").read_text())
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=10)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def _train_args(model_dir: Path, out: Path, *data: str, steps: int | None, batch: int = 3) -> list[str]:
