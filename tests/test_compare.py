@@ -314,6 +314,10 @@ def test_low_data_report_has_a_table_and_plot_per_size(tmp_path: Path) -> None:
     assert raw["quality_metric"] == "accuracy" and "quality_vs_train_size.png" in raw["files"]
     md = (tmp_path / "report.md").read_text()
     assert "accuracy @ 50" in md and "accuracy @ 100" in md and "± " in md and "| untuned | - | - | - | 0 |" in md
+    # no sweep is not "the default rate": a given METHOD.lr trains too, so the text points at the lr column
+    assert "one learning rate each (column lr" in md and "default learning rate" not in md
+    report.write_report(tmp_path, {**settings, "sweep": True}, runs)
+    assert "its own swept learning rate" in (tmp_path / "report.md").read_text()
     header, rows = report.size_table(runs)
     assert rows[0][0] == "prefix" and rows[0][1] == "65.50 ± 0.71"
     assert (tmp_path / "quality_vs_train_size.png").read_bytes()[:4] == b"\x89PNG"

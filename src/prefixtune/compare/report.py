@@ -187,10 +187,15 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 def _describe(settings: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     examples = next((int(r["scores"]["examples"]) for r in runs if "examples" in r["scores"]), "?")
     limit = f", first {settings['eval_limit']}" if settings.get("eval_limit") else ""
+    rate = (  # `lr_per_method` holds the resolved rates, a given METHOD.lr included: no sweep is not "default"
+        "its own swept learning rate"
+        if settings.get("sweep")
+        else "one learning rate each (column lr: the method's default unless given as METHOD.lr=X)"
+    )
     return (
         f"Model `{settings['model']}`, data `{settings['data']}`; every method trains {settings['max_steps']} steps "
-        f"of batch {settings['batch_size']} (seeds {', '.join(map(str, settings['seeds']))}) at its own "
-        f"{'swept' if settings.get('sweep') else 'default'} learning rate, each run in its own process, one at a "
+        f"of batch {settings['batch_size']} (seeds {', '.join(map(str, settings['seeds']))}) at "
+        f"{rate}, each run in its own process, one at a "
         f"time. Scored on split `{settings['eval_split']}` ({examples} inputs{limit}); the quality metric is "
         f"{label(quality_key(runs, metric=settings.get('metric')))}. {ci.describe(settings)} "
         "Peak RSS is the process's high-water mark at the end "
