@@ -80,6 +80,8 @@ class Trainer:
         self.elapsed = 0.0
         self.saved_at: int | None = None  # the step of the checkpoint on disk
         self.window = LogWindow()
+        self.first_loss: float | None = None  # the first logged window's loss: divergence is judged against it
+        self.warned_diverging = False
 
     # ----- setup ------------------------------------------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class Trainer:
             self.skipped = state["skipped"]
             loss, tokens, skipped, by_task = state["window"]
             self.window = LogWindow(loss, tokens, skipped, by_task)
+        self.first_loss, self.warned_diverging = state.get("first_loss"), state.get("warned_diverging", False)
         _say(self.progress, f"resuming {self.out} at step {self.step}")
 
     # ----- training ---------------------------------------------------------------------------------------------
@@ -305,7 +308,22 @@ class Trainer:
         self._log(record)
         if "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self._check_divergence(record["loss"], self.scheduler.base_lrs[0])
         self.window = LogWindow(by_task=dict.fromkeys(window.by_task, 0.0))
+
+    def _check_divergence(self, loss: float, lr: float) -> None:
+        """Say once when the training loss climbs well above where it started: the rate is too high for this data
+        (docs/methods.md, MultiEmo: the prefix at 3e-3 went from 9.0 to 13.5 on one seed and ended at the
+        majority class; at 1e-3 every seed trained). The margin keeps batch-to-batch noise from tripping it."""
+        if self.first_loss is None:
+            self.first_loss = loss
+        elif not self.warned_diverging and loss > DIVERGED_FACTOR * self.first_loss + DIVERGED_MARGIN:
+            self.warned_diverging = True
+            _say(
+                self.main,
+                f"step {self.step}: training loss {loss:.3f} is above its first logged value {self.first_loss:.3f}: "
+                f"training is diverging; try a lower learning rate than {lr:.3g} (a third of it, say)",
+            )
 
     def _validate(self, due: list[TaskLoop]) -> None:
         """Score the due tasks' validation examples (batches shared out among the processes); log, keep the best
@@ -373,6 +391,8 @@ class Trainer:
             "elapsed": self.elapsed,
             "skipped": self.skipped,
             "window": self.window.state(),  # the log line being summed
+            "first_loss": self.first_loss,
+            "warned_diverging": self.warned_diverging,
         }
         if self.multitask:
             state["tasks"] = {t.name: t.record() for t in self.loops}
@@ -404,6 +424,8 @@ class Trainer:
             self.trained, self.out, self.step, best, stopped, *counts, self.elapsed, summary, self.skipped
         )
 
+
+DIVERGED_FACTOR, DIVERGED_MARGIN = 1.2, 0.5  # a window loss above 1.2 x the first + 0.5 nats: diverging
 
 AUTO_MIN_STEPS = 80  # docs/methods.md, "The budget by default": 50 E2E examples, 80 steps against 18 and 7
 
