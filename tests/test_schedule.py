@@ -3,6 +3,8 @@ follows the run's length, then linear or cosine decay."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prefixtune.config import TrainConfig
@@ -83,3 +85,14 @@ def test_a_diverging_run_is_told_once_to_lower_its_rate(model_dir, data_file, tm
     if warns:
         assert f"try a lower learning rate than {float(lr):.3g}" in said
     assert (out / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warned = [r for r in records if "warning" in r]
+    assert len(warned) == (1 if warns else 0)
+    if warns:  # `prefixtune compare` follows metrics.jsonl, not the worker's stderr: it shows the same line
+        from prefixtune.compare.process import _report_progress
+
+        metrics = tmp_path / "metrics.jsonl"
+        metrics.write_text(json.dumps(warned[0]) + "\n")
+        assert _report_progress(True, "[1/1] full-s0", metrics, 0, 12) == 1
+        shown = capsys.readouterr().err
+        assert f"[1/1] full-s0: step {warned[0]['step']}: training loss" in shown and "diverging" in shown

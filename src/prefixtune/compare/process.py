@@ -87,6 +87,8 @@ def _report_progress(progress: bool, tag: str, metrics: Path, seen: int, total: 
                 f"{tag}: step {record['step']}/{total} loss {record['loss']:.3f} "
                 f"({record['tokens_per_s']:.0f} tokens/s)",
             )
+        if "warning" in record:  # the trainer's own (a diverging loss): the worker's log alone would hide it
+            say(progress, f"{tag}: step {record['step']}: {record['warning']}")
         seen += 1
     return seen
 

@@ -305,25 +305,29 @@ class Trainer:
             record["skipped_steps"] = self.skipped  # in the whole run so far
         if self.multitask and steps_in_window > 0:
             record["task_loss"] = {k: round(v / steps_in_window, 5) for k, v in window.by_task.items()}
+        warning = self._divergence(record["loss"]) if "loss" in record else None
+        if warning:
+            record["warning"] = warning  # in metrics.jsonl too: `prefixtune compare` shows it from there
         self._log(record)
         if "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            self._check_divergence(record["loss"], self.scheduler.base_lrs[0])
+        if warning:
+            _say(self.main, f"step {self.step}: {warning}")
         self.window = LogWindow(by_task=dict.fromkeys(window.by_task, 0.0))
 
-    def _check_divergence(self, loss: float, lr: float) -> None:
-        """Say once when the training loss climbs well above where it started: the rate is too high for this data
-        (docs/methods.md, MultiEmo: the prefix at 3e-3 went from 9.0 to 13.5 on one seed and ended at the
+    def _divergence(self, loss: float) -> str | None:
+        """Once, when the training loss climbs well above where it started, what to say: the rate is too high for
+        this data (docs/methods.md, MultiEmo: the prefix at 3e-3 went from 9.0 to 13.5 on one seed and ended at the
         majority class; at 1e-3 every seed trained). The margin keeps batch-to-batch noise from tripping it."""
         if self.first_loss is None:
             self.first_loss = loss
         elif not self.warned_diverging and loss > DIVERGED_FACTOR * self.first_loss + DIVERGED_MARGIN:
             self.warned_diverging = True
-            _say(
-                self.main,
-                f"step {self.step}: training loss {loss:.3f} is above its first logged value {self.first_loss:.3f}: "
-                f"training is diverging; try a lower learning rate than {lr:.3g} (a third of it, say)",
+            return (
+                f"training loss {loss:.3f} is above its first logged value {self.first_loss:.3f}: training is "
+                f"diverging; try a lower learning rate than {self.scheduler.base_lrs[0]:.3g} (a third of it, say)"
             )
+        return None
 
     def _validate(self, due: list[TaskLoop]) -> None:
         """Score the due tasks' validation examples (batches shared out among the processes); log, keep the best
