@@ -330,3 +330,24 @@ def test_train_top_layers_flag_is_the_full_method_option(model_dir: Path, data_f
     assert cli.main(args) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["options"] == {"top_layers": 1}
     assert json.loads((out / "full_finetune.json").read_text())["full"]["top_layers"] == 1
+
+
+def test_a_diverging_run_is_listed_in_the_report(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    """Full fine-tuning of the tiny model at lr 0.3 climbs from 5.75 to 9.4 by step 4 (tests/test_schedule.py):
+    the worker keeps the trainer's warning in result.json and the report lists it under the run's name."""
+    settings = CompareSettings(["full"], model=str(model_dir), data=str(data_file), max_steps=12, batch_size=4)
+    settings.eval_split, settings.max_new_tokens, settings.sweep = "all", 4, False
+    settings.overrides = ["train_split=all", "warmup_steps=0", "log_every=1", "full.lr=0.3"]
+    out = tmp_path / "cmp"
+    (job,) = plan(settings, out).final_jobs({}, 6)
+    record = run_job(write_job(job, settings))
+    assert len(record["warnings"]) == 1 and "training is diverging" in record["warnings"][0][1]
+    step = record["warnings"][0][0]
+    calm = {**record, "name": "calm", "warnings": []}
+    summary = {"methods": ["full"], "model": "m", "data": "d", "max_steps": 12, "batch_size": 4, "seeds": [0]}
+    report.write_report(out, {**summary, "eval_split": "all", "eval_limit": None}, [record, calm], [record])
+    md = (out / "report.md").read_text()
+    assert "## Training warnings" in md and md.count(f"| {record['name']} | {step} | training loss") == 1
+    assert "| calm |" not in md.split("## Training warnings")[1]
+    report.write_report(out, {**summary, "eval_split": "all", "eval_limit": None}, [calm])
+    assert "Training warnings" not in (out / "report.md").read_text()

@@ -168,6 +168,15 @@ def size_table(runs: list[dict[str, Any]], key: str | None = None) -> tuple[list
     return header, rows
 
 
+def warnings_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """What the trainer warned about (a diverging loss), per run: a seed that diverged is otherwise only a low score
+    in a mean, and the progress lines that showed it are gone once the report is read."""
+    rows = {(r["name"], step): text for r in runs for step, text in r.get("warnings") or []}  # a reused sweep run once
+    return (
+        (["run", "step", "warning"], [[name, str(step), text] for (name, step), text in rows.items()]) if rows else None
+    )
+
+
 def _quality(run: dict[str, Any], key: str) -> float | None:
     value = run["scores"].get(key)
     return None if value is None else (100 * value if key == "accuracy" else value)
@@ -232,6 +241,8 @@ def write_report(
         tables.append((f"{key} by training-set size", by_size))
     if swept:
         tables.append(("Learning-rate sweep (selection split)", ci.sweep_table(swept, key)))
+    if warned := warnings_table(runs + swept):
+        tables.append(("Training warnings", warned))
     intro = _describe(settings, runs)
     md = [f"# prefixtune compare: {', '.join(settings['methods'])}\n", intro + "\n"]
     for title, (header, rows) in tables:

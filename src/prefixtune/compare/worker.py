@@ -161,6 +161,7 @@ def run_job(job_path: Path) -> dict[str, Any]:
             total_params=result.total_params,
             best_val_loss=result.best_val_loss,
             losses=[[r["step"], r["loss"]] for r in logged if "loss" in r],
+            warnings=[[r["step"], r["warning"]] for r in logged if "warning" in r],  # the report lists them
             **saved_size(train_dir),
         )
         model = result.model
