@@ -144,19 +144,23 @@ def test_sizes_train_on_one_seeded_nested_subsample_per_seed(model_dir, data_fil
     settings.overrides.append("train_split=all")
     settings.sweep_sizes = [2]
     the_plan = plan(settings, tmp_path)
-    # the sweep: 3 rates around each method's default, first seed, the swept size only
+    # the sweep: 3 rates around each method's default, first seed, the swept size only; the prefix's centre is
+    # its default scaled to this data's few target tokens per step (tests/test_schedule.py checks the value)
+    centre = the_plan.sweep_jobs[1].config.lr
+    assert centre < 3e-3
     assert [(j.method, j.train_size, j.seed, j.config.lr) for j in the_plan.sweep_jobs] == [
-        ("prefix", 2, 0, 1e-3),
-        ("prefix", 2, 0, 3e-3),
-        ("prefix", 2, 0, 9e-3),
+        ("prefix", 2, 0, sweep.rounded(centre / 3)),
+        ("prefix", 2, 0, centre),
+        ("prefix", 2, 0, sweep.rounded(centre * 3)),
         ("lora", 2, 0, 6.67e-5),
         ("lora", 2, 0, 2e-4),
         ("lora", 2, 0, 6e-4),
     ]
-    finals = the_plan.final_jobs({("prefix", 2): 9e-3, ("lora", 2): 2e-4}, 6)
+    high = sweep.rounded(centre * 3)
+    finals = the_plan.final_jobs({("prefix", 2): high, ("lora", 2): 2e-4}, 6)
     assert {(j.method, j.train_size, j.config.lr) for j in finals} == {
         (m, n, lr)
-        for m, lr in (("prefix", 9e-3), ("lora", 2e-4))
+        for m, lr in (("prefix", high), ("lora", 2e-4))
         for n in (2, 3)  # size 3 reuses size 2's winner
     }
     assert {j.config.data for j in finals if j.seed == 1 and j.train_size == 3} == {

@@ -96,3 +96,52 @@ def test_a_diverging_run_is_told_once_to_lower_its_rate(model_dir, data_file, tm
         assert _report_progress(True, "[1/1] full-s0", metrics, 0, 12) == 1
         shown = capsys.readouterr().err
         assert f"[1/1] full-s0: step {warned[0]['step']}: training loss" in shown and "diverging" in shown
+
+
+def test_the_prefix_default_rate_falls_with_the_square_root_of_target_tokens_per_step() -> None:
+    """3e-3 at 200 target tokens per step (E2E's and XSum's batch of 8), never above it; other methods fixed."""
+    from prefixtune.methods.registry import METHODS
+
+    prefix = METHODS["prefix"]
+    assert prefix.default_lr_for(200) == prefix.default_lr_for(None) == 3e-3
+    assert prefix.default_lr_for(800) == 3e-3  # measured at 200, not above: never raised
+    assert prefix.default_lr_for(50) == 1.5e-3 and prefix.default_lr_for(14) == 7.94e-4  # MultiEmo-like: 1.76 x 8
+    assert METHODS["lora"].default_lr_for(14) == 2e-4 and METHODS["full"].default_lr_for(14) == 5e-5
+
+
+def _targets_per_example(model_dir, data_file) -> float:
+    """Counted here from the tokenizer, not by the code under test: ' ' + target, then EOS (the plain format)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    targets = [json.loads(line)["target"] for line in data_file.read_text().splitlines()]
+    return sum(len(tokenizer(" " + t, add_special_tokens=False).input_ids) + 1 for t in targets) / len(targets)
+
+
+def test_train_and_compare_give_the_prefix_the_same_data_scaled_default(model_dir, data_file, tmp_path, capsys):
+    """Without --lr a prefix on the tiny data (about 23 target tokens an example, batch 4) trains at 3e-3 x
+    sqrt(4 x 23 / 200), says so once, and compare centres its sweep there; a given --lr is used as it is."""
+    from prefixtune import cli
+    from prefixtune.compare import CompareSettings, plan
+    from prefixtune.methods.registry import METHODS
+
+    expected = METHODS["prefix"].default_lr_for(4 * _targets_per_example(model_dir, data_file))
+    assert 1.5e-3 < expected < 2.5e-3
+    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--batch-size", "4", "--max-steps", "2"]
+    args += ["--quiet", "train_split=all", "projection_dim=16", "num_virtual_tokens=4", "warmup_steps=0"]
+    args += ["log_every=1", "schedule=constant"]
+    assert cli.main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lr"] == expected
+    assert cli.main([*[a for a in args if a != "--quiet"], "--out", str(tmp_path / "auto-told")]) == 0
+    said = capsys.readouterr().err
+    assert said.count(f"learning rate {expected:.3g}: prefix's default 0.003 scaled") == 1, said
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [pytest.approx(expected)] * 2
+    assert cli.main([*[a for a in args if a != "--quiet"], "--out", str(tmp_path / "given"), "--lr", "3e-3"]) == 0
+    assert "scaled" not in capsys.readouterr().err
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "given" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [pytest.approx(3e-3)] * 2
+    settings = CompareSettings(["prefix", "lora"], model=str(model_dir), data=str(data_file), max_steps=2)
+    settings.batch_size, settings.overrides = 4, ["train_split=all"]
+    rates = plan(settings, tmp_path / "cmp").saved["lr_per_method"]
+    assert rates == {"prefix": expected, "lora": 2e-4}

@@ -97,7 +97,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PROVENANCE = "prefixtune_source.json"
 
 
-
 def alias_dir(alias: str) -> Path:
     """Where the converted copy of a built-in model lives (it may not exist yet)."""
     return cache_dir() / "models" / alias
@@ -402,6 +401,27 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of `name` alone, without its weights (what counting a data set's tokens needs)."""
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(name)
+    try:
+        if kind == "alias":
+            tokenizer = AutoTokenizer.from_pretrained(prepare_alias(str(where)))
+        elif kind == "gguf":
+            tokenizer = AutoTokenizer.from_pretrained(Path(where).parent, gguf_file=Path(where).name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+    except PrefixTuneError:
+        raise
+    except Exception as e:
+        raise PrefixTuneError(f"cannot load the tokenizer of {name}: {first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def is_encoder_model(name: str) -> bool:
     """Whether `name` is an encoder-only model (it classifies; it cannot generate). Reads only its config; a name
     whose config cannot be read (a .gguf file, an unreachable hub id) is not, and load_model says what is wrong."""
@@ -414,7 +434,6 @@ def is_encoder_model(name: str) -> bool:
     if kind == "gguf":
         return False
     from transformers import AutoConfig
-
 
     try:
         return is_encoder_config(AutoConfig.from_pretrained(where))
@@ -452,5 +471,3 @@ def list_models() -> list[dict[str, Any]]:
         }
         for alias in MODEL_ALIASES.values()
     ]
-
-

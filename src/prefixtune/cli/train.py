@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "train_seconds": round(result.train_seconds, 2),
+        "lr": result.lr,
     }
     if result.skipped_steps:
         summary["skipped_steps"] = result.skipped_steps

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from ..config import TrainConfig, build_config
 from ..errors import PrefixTuneError
 from ..methods.registry import METHODS, make_config, option_names
 from ..train import tasks
+from ..train.optim import default_lr
 from . import report, sweep
 from .process import DirectoryLock, run_worker, say
 from .settings import CompareSettings, route_overrides
@@ -162,7 +164,7 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> Plan:
         if isinstance(cfg.data, dict):
             raise PrefixTuneError("compare takes one data set (not several tasks); give --data once")
         make_config(method, cfg.options)  # option values are checked now, not in the worker
-        cfg.lr = cfg.lr or METHODS[method].default_lr
+        cfg.lr = cfg.lr or _default_lr(cfg)
         configs[method] = cfg
         candidates[method] = sweep.candidate_rates(settings, method, cfg.lr)
     swept = sweep.swept_sizes(settings) if settings.sweep else []
@@ -184,6 +186,25 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> Plan:
             for lr in candidates[method]:
                 result.sweep_jobs.append(result.job(method, size, first_seed, lr, settings.select_split, True))
     return result
+
+
+def _default_lr(cfg: TrainConfig) -> float:
+    """The method's default rate as `prefixtune train` would pick it for the whole training split (the prefix's
+    scales with the target tokens per step: `MethodSpec.default_lr_for`). Every train size runs at it (a subsample's
+    own mean differs by a few percent), so the sizes of one comparison share their rates."""
+    spec = METHODS[cfg.method]
+    if spec.lr_targets_per_step is None or models.is_encoder_model(cfg.model):  # an encoder's head sets its own
+        return spec.default_lr
+    examples = tasks.load_tasks(replace(cfg, train_size=None))[0][0].train
+    tokenizer = models.load_tokenizer(cfg.model)
+    logger = logging.getLogger("prefixtune")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # what truncation cut: each worker's log says it for the data it trains on
+    try:
+        encoded, _ = data.encode(examples, tokenizer, max_length=cfg.max_length, chat_template=cfg.chat_template)
+    finally:
+        logger.setLevel(level)
+    return default_lr(cfg, encoded)
 
 
 def check_inputs(the_plan: Plan) -> int:

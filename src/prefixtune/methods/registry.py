@@ -11,6 +11,7 @@ again = load_trained(fresh_model, out)                   # the method is read fr
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -83,6 +84,23 @@ class MethodSpec:
     default_lr: float  # for AdamW; docs/methods.md gives the sources
     lr_source: str
     mixable: bool = False  # forward/generate accept adapter_names (one adapter per batch row)
+    # The default rate holds at this many target tokens per optimizer step (None: at any); fewer scale it down
+    # (`default_lr_for`).
+    lr_targets_per_step: float | None = None
+
+    def default_lr_for(self, targets_per_step: float | None) -> float:
+        """The default rate for steps of `targets_per_step` target tokens (None: unknown, the plain default).
+
+        Adam's square-root scaling rule (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
+        algorithms"): a batch k times smaller takes a rate sqrt(k) times smaller, since its gradient noise is
+        sqrt(k) times larger and Adam normalizes the step's size, not its noise. The loss averages over target
+        tokens, so the batch that counts is target tokens per step. Only ever lowered (the rate was measured at
+        `lr_targets_per_step`, not above it), rounded to 3 significant digits (names and JSON stay readable).
+        """
+        if self.lr_targets_per_step is None or not targets_per_step:
+            return self.default_lr
+        scale = min(1.0, math.sqrt(targets_per_step / self.lr_targets_per_step))
+        return float(f"{self.default_lr * scale:.3g}")
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -95,8 +113,10 @@ METHODS: dict[str, MethodSpec] = {
             _load_prefix,
             3e-3,
             "Li & Liang 2021 use 5e-5 for thousands of steps; at hundreds of steps 1e-3..1e-2 learn far faster "
-            "(probe on smollm2/E2E in docs/methods.md); 3e-3 is the demo's rate",
+            "(probe on smollm2/E2E in docs/methods.md); 3e-3 at E2E's and XSum's ~200 target tokens per step "
+            "(batch 8), scaled down by the square root for fewer (MultiEmo's label words: docs/methods.md)",
             mixable=True,
+            lr_targets_per_step=200.0,
         ),
         MethodSpec(
             "prompt",

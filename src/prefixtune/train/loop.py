@@ -36,7 +36,7 @@ from ..eval.objective import ClassHead, objective_for, pad_token_id
 from ..methods.registry import build_method, method_spec, parameter_counts, trainable_state_dict
 from . import checkpoint, distributed, tasks
 from .classify import check_training, load_for_training
-from .optim import build_optimizer, grad_norm
+from .optim import build_optimizer, default_lr, grad_norm, targets_per_step
 from .placement import training_placement
 from .run_dir import METRICS, append_metrics, holds_run, keep_metrics_until, plot_losses, prepare_out
 from .run_state import Interrupted, LogWindow, TrainResult, ctrl_c_at_step_boundary
@@ -167,7 +167,17 @@ class Trainer:
         if not self.multitask:
             self.loops[0].params = model.trainable_parameters()
         self.trained = model  # the unwrapped model: saved, checkpointed, returned
-        lr = cfg.lr or self.objective.default_lr or method_spec(cfg.method).default_lr
+        lr = cfg.lr or self.objective.default_lr or default_lr(cfg, [e for t in self.loops for e in t.encoded])
+        plain = method_spec(cfg.method).default_lr
+        if not (cfg.lr or self.objective.default_lr) and lr != plain:
+            targets = targets_per_step([e for t in self.loops for e in t.encoded], cfg)
+            _say(
+                self.progress,
+                f"learning rate {lr:.3g}: {cfg.method}'s default {plain:.3g} scaled by the square root of this "
+                f"data's {targets:.0f} target tokens per step over {method_spec(cfg.method).lr_targets_per_step:.0f} "
+                "(give --lr to choose)",
+            )
+        self.lr = lr
         self.optimizer, self.scheduler = build_optimizer(cfg, self.loops, lr)
 
     def _resume_state(self) -> dict[str, Any] | None:
@@ -425,7 +435,7 @@ class Trainer:
         counts = (self.trainable_params, self.total_params)
         stopped = all(t.stopped for t in loops)
         return TrainResult(
-            self.trained, self.out, self.step, best, stopped, *counts, self.elapsed, summary, self.skipped
+            self.trained, self.out, self.step, best, stopped, *counts, self.elapsed, summary, self.skipped, self.lr
         )
 
 

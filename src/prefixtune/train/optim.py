@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .. import data
 from ..config import TrainConfig
+from ..methods.registry import method_spec
 from .tasks import TaskLoop
 
 AUTO_WARMUP_MAX = 20  # the fixed default before warmup followed the run's length
@@ -41,6 +43,21 @@ def schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
         return max(0.0, 1.0 - progress)
 
     return factor
+
+
+def targets_per_step(encoded: Sequence[data.EncodedExample], cfg: TrainConfig) -> float | None:
+    """The mean number of target tokens (labels that get a loss) an optimizer step averages over: the mean per
+    example x `batch_size` (the global batch, however many processes share it) x `grad_accum`. None: no data."""
+    if not encoded:
+        return None
+    targets = sum(sum(1 for t in e.labels if t != data.IGNORE_INDEX) for e in encoded)
+    return targets / len(encoded) * cfg.batch_size * cfg.grad_accum
+
+
+def default_lr(cfg: TrainConfig, encoded: Sequence[data.EncodedExample]) -> float:
+    """`cfg.method`'s default rate for this data (`MethodSpec.default_lr_for`): what `prefixtune train` uses when
+    no rate is given, and the centre of `prefixtune compare`'s sweep."""
+    return method_spec(cfg.method).default_lr_for(targets_per_step(encoded, cfg))
 
 
 def build_optimizer(

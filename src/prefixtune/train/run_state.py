@@ -30,6 +30,7 @@ class TrainResult:
     train_seconds: float
     tasks: dict[str, dict[str, Any]] | None = None  # multi-task: name -> steps, best_val_loss, stopped_early
     skipped_steps: int = 0  # steps whose loss or gradient was not finite (on_nonfinite=skip): no update made
+    lr: float | None = None  # the peak learning rate it trained at (given, or the data-scaled default)
 
 
 @dataclass
