@@ -58,7 +58,10 @@ class TrainConfig:
     )
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
+    lr: float | None = field(
+        default=None,
+        metadata={"help": "peak learning rate (default: the method's; the prefix's follows target tokens per step)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int | None = field(
         default=None, metadata={"help": "linear warmup steps (default: a tenth of the run's steps, at most 20)"}
