@@ -199,7 +199,8 @@ def _describe(settings: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     rate = (  # `lr_per_method` holds the resolved rates, a given METHOD.lr included: no sweep is not "default"
         "its own swept learning rate"
         if settings.get("sweep")
-        else "one learning rate each (column lr: the method's default unless given as METHOD.lr=X)"
+        else "one learning rate each (column lr: the method's default, the prefix's scaled to the training data's "
+        "target tokens per step, unless given as METHOD.lr=X)"
     )
     return (
         f"Model `{settings['model']}`, data `{settings['data']}`; every method trains {settings['max_steps']} steps "
