@@ -242,6 +242,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--decode-length", type=int, default=1024, help="the long continuation of the decode section")
     parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per model (default 3)")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed steps per side (CPU: 6)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -253,7 +254,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         args.shapes = args.shapes or "smollm2-135m,qwen3-0.6b,llama-3.2-1b"
         gpu = args.device.startswith("cuda")
-        args.train_batch = (8, 1024, 10) if gpu else (8, 64, 6)
+        args.train_batch = (8, 1024, args.train_steps or 10) if gpu else (8, 64, args.train_steps or 6)
         args.mfu_batch = (8, 1024, 10) if gpu else (2, 256, 3)
         args.gen = (64, 64, args.repeats or 3) if gpu else (32, 32, args.repeats or 3)
         args.decode = (args.decode_length, 100)

@@ -73,6 +73,24 @@ def test_target_only_logits_are_on_by_default_and_skip_the_source() -> None:
     assert seen == [12 - 5, 12]  # positions 4..10 predict the targets at 5..11
 
 
+def test_the_all_logits_loss_reads_the_logits_in_place_and_each_layer_gets_an_unbound_prefix() -> None:
+    """Two copies the mechanism used to make in every training step, gone (bench/gpu.py, docs/performance.md):
+    the all-positions loss slices no logits (it pads the targets), and the layers' prefix slices come from one
+    unbind, so the backward pass stacks their gradients once instead of zero-filling the whole prefix per layer."""
+    from prefixtune.eval.objective import NEXT_TOKEN
+
+    model = prefixtune.attach(tiny(), prefixtune.PrefixConfig(num_virtual_tokens=3, projection_dim=8))
+    batch = _batch(length=12, source=5)
+    logits, targets = NEXT_TOKEN.logits(model, batch, target_only=False)
+    assert logits.shape[:2] == targets.shape == (3, 12) and logits.is_contiguous()
+    assert (targets[:, -1] == -100).all() and torch.equal(targets[:, :-1], batch["labels"][:, 1:])
+    prefix = model.prefix_batch(None, 3)
+    keys, values = prefix.layer_kv(1)
+    assert keys.grad_fn is not None and type(keys.grad_fn).__name__.startswith("UnbindBackward")
+    assert type(values.grad_fn).__name__.startswith("UnbindBackward")
+    torch.testing.assert_close(keys, prefix.keys[1], rtol=0, atol=0)
+
+
 # ----- length-bucketed batches -----------------------------------------------------------------------------------
 
 

@@ -217,6 +217,19 @@ class PrefixBatch:
     # The last widened mask: (the model's mask object, facts, widened). Every layer of one forward gets the same
     # mask object, so the widening happens once per forward, not per layer; holding `mask` keeps its id unique.
     _widened: tuple[Any, tuple[Any, ...], Tensor] | None = field(default=None, init=False, repr=False)
+    # Each layer's (B, H_kv, P, D) keys and values, unbound once per batch: indexing the stacked tensors in every
+    # layer gives the backward pass one zero-filled gradient of the whole (L, B, H_kv, P, D) per layer and per
+    # keys/values, each then added up (2L fills and adds); unbind's backward is one stack.
+    _layer_keys: Any = field(default=None, init=False, repr=False)
+    _layer_values: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._layer_keys = self.keys.unbind(0) if isinstance(self.keys, Tensor) else self.keys  # PerLayer: as is
+        self._layer_values = self.values.unbind(0) if isinstance(self.values, Tensor) else self.values
+
+    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """This layer's prefix keys and values, each (B, H_kv, P, D)."""
+        return self._layer_keys[layer], self._layer_values[layer]
 
     @property
     def rows(self) -> int:
@@ -317,8 +330,9 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
                 if biased:
                     kwargs["position_bias"] = nn.functional.pad(bias, (batch.width, 0))  # no bias on the prefix
                 if not stored:  # (B, H_kv, P, D), already in this layer's dtype and on its device (prefix_batch)
-                    key = torch.cat([batch.keys[layer], key], dim=2)  # (B, H_kv, P + S, D)
-                    value = torch.cat([batch.values[layer], value], dim=2)
+                    prefix_keys, prefix_values = batch.layer_kv(layer)
+                    key = torch.cat([prefix_keys, key], dim=2)  # (B, H_kv, P + S, D)
+                    value = torch.cat([prefix_values, value], dim=2)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention

@@ -86,7 +86,11 @@ class NextToken:
         if target_only and keeps_positions(model):
             keep = (shifted != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions
             return model(**inputs, logits_to_keep=keep).logits, shifted[:, keep]  # (B, K, V), (B, K)
-        return model(**inputs).logits[:, :-1], shifted  # (B, T-1, V), (B, T-1)
+        # Every position's logits as the model returns them, and the targets padded with one -100 at the end
+        # (the last position predicts nothing): slicing the logits instead copies all of them (B x T x V) in the
+        # loss and again, with a zero fill, in the backward pass.
+        padded = F.pad(shifted, (0, 1), value=data.IGNORE_INDEX)  # (B, T)
+        return model(**inputs).logits, padded  # (B, T, V), (B, T)
 
 
 @dataclass(frozen=True)
