@@ -36,9 +36,9 @@ class PrefixLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:  # the prefill: the storage starts with this layer's prefix (B, H_kv, P, D)
             self.lazy_initialization(key_states, value_states)
-            rows = self.batch.for_rows(key_states.shape[0])
-            self.keys = rows.keys[self.layer].to(key_states.device, key_states.dtype)
-            self.values = rows.values[self.layer].to(value_states.device, value_states.dtype)
+            keys, values = self.batch.for_rows(key_states.shape[0]).layer_kv(self.layer)
+            self.keys = keys.to(key_states.device, key_states.dtype)
+            self.values = values.to(value_states.device, value_states.dtype)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.batch.stored.add(self.layer)

@@ -244,8 +244,10 @@ def place_per_layer(
 ) -> tuple[PerLayer, PerLayer, PerLayer]:
     """A stacked prefix batch split into per-layer tensors, each moved to its layer's device and dtype (gradients
     flow back through the copies)."""
+    # unbind, not keys[i] per layer: the backward of one unbind is one stack, where per-layer indexing gives one
+    # zero-filled gradient of the whole stacked tensor per layer (PrefixBatch.layer_kv does the same).
     return (
-        PerLayer([keys[i].to(device=d, dtype=t) for i, (d, t) in enumerate(places)]),
-        PerLayer([values[i].to(device=d, dtype=t) for i, (d, t) in enumerate(places)]),
-        PerLayer([visible[i].to(device=d) for i, (d, _) in enumerate(places)]),
+        PerLayer([k.to(device=d, dtype=t) for k, (d, t) in zip(keys.unbind(0), places)]),
+        PerLayer([v.to(device=d, dtype=t) for v, (d, t) in zip(values.unbind(0), places)]),
+        PerLayer([m.to(device=d) for m, (d, _) in zip(visible.unbind(0), places)]),
     )
