@@ -244,6 +244,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per model (default 3)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per side (CPU: 6)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the sections left after this many seconds")
     args = parser.parse_args(argv)
     if args.quick:
         args.device = args.device or "cpu"
@@ -281,17 +282,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if section == "decode" and not args.quick and len(shapes) > 1 and shape != shapes[0]:
                 continue  # one shape is enough to see the slope; the first one listed
             entry: dict[str, Any] = {}
-            with peak_memory(entry, args.device):
-                entry.update(globals()[f"section_{section}"](args, shape, dtype))
+            if args.budget_s and time.time() - started > args.budget_s:
+                entry["skipped"] = f"the run passed --budget-s {args.budget_s} before this section"
+            else:
+                # one lent GPU call runs every section: a failing one is reported and the rest still run
+                try:
+                    with peak_memory(entry, args.device):
+                        entry.update(globals()[f"section_{section}"](args, shape, dtype))
+                except Exception as e:  # noqa: BLE001 - reported in the JSON, the exit status says it
+                    entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+                    result["errors"] = result.get("errors", 0) + 1
             result.setdefault(section, {})[shape] = entry
             print(json.dumps({section: {shape: entry}}), flush=True)
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    result["seconds"] = round(time.time() - started, 1)
-    if args.json:
-        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
+            result["seconds"] = round(time.time() - started, 1)
+            if args.json:  # after every section, so a run cut short still leaves what it measured
+                atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)

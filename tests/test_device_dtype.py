@@ -6,6 +6,7 @@ because no GPU is present."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,29 @@ def test_saved_checkpoint_holds_the_rng_fields(model_dir: Path, data_file: Path,
     state = torch.load(out / checkpoint.CHECKPOINT / checkpoint.STATE, weights_only=True)
     assert {"torch", "python"} <= set(state["rng"])
     assert ("cuda" in state["rng"]) == (torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
+def test_deterministic_runs_under_deterministic_algorithms_and_then_restores_the_setting(
+    model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deterministic=true: every optimizer step runs under torch's deterministic algorithms, cuBLAS gets its
+    fixed workspace unless the user chose one, and the caller's setting is back afterwards; same losses on a CPU."""
+    seen: list[bool] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    plain, fixed = tmp_path / "plain", tmp_path / "fixed"
+    assert cli.main(_train_args(model_dir, data_file, plain, "--max-steps", "3")) == 0
+    assert seen == [False] * 3 and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert cli.main(_train_args(model_dir, data_file, fixed, "--max-steps", "3", "deterministic=true")) == 0
+    assert seen[3:] == [True] * 3 and not torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert (fixed / "adapter_model.safetensors").read_bytes() == (plain / "adapter_model.safetensors").read_bytes()
 
 
 # ----- --resume with nothing saved ---------------------------------------------------------------------------

@@ -76,6 +76,13 @@ class TrainConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
+    deterministic: bool = field(
+        default=False,
+        metadata={
+            "help": "torch's deterministic algorithms (and cuBLAS's fixed workspace): a GPU run and its resume "
+            "repeat bit for bit; slower on a GPU, no change on a CPU"
+        },
+    )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU (float32 weights)"})
     device: str | None = field(
         default=None,

@@ -14,11 +14,13 @@ by default) draws differently in a mixed batch.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,33 @@ def train(
     the processes share every global batch (step.py).
     """
     runtime = distributed.start()
-    trainer = Trainer(cfg, runtime, resume=resume, progress=progress)
-    trainer.setup(model_and_tokenizer)
-    result = trainer.train()
+    with deterministic_algorithms(cfg.deterministic):
+        trainer = Trainer(cfg, runtime, resume=resume, progress=progress)
+        trainer.setup(model_and_tokenizer)
+        result = trainer.train()
     trainer.model = None  # the DDP wrapper goes before the process group does (Runtime.close)
     runtime.close()
     return result
+
+
+@contextmanager
+def deterministic_algorithms(wanted: bool) -> Iterator[None]:
+    """torch's deterministic algorithms for one run (an op without one raises, naming itself), then the caller's
+    setting again. cuBLAS reads CUBLAS_WORKSPACE_CONFIG when a process first uses it: set here unless the
+    user set it, so a run asked for it before its first GPU matmul repeats bit for bit."""
+    if not wanted:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 class Trainer:
