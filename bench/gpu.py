@@ -14,7 +14,7 @@ depend on the weights). Sections, each reported under its own key of the JSON:
             --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
 - generate: greedy tokens/s at batch 1 and 8: the bare model, our prefix, PEFT's prefix (its own generate; not
             run where PEFT refuses the installed transformers, and the JSON says so), in rotating order.
-- mixed:    8 adapters mixed in one batch of 8 rows vs the same 8 rows served one adapter at a time.
+- mixed:    8 adapters mixed in one batch of 8 rows vs the same 8 rows served one adapter at a time (first shape).
 - decode:   the cost of a decode step vs cache length: the median of the last 100 steps of a long continuation,
             bare vs our prefix stored in the cache (decode_cache.py) vs the previous path that concatenated the
             prefix onto the cache every step, the three in lockstep (step k of each back to back).
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for section in sections:
         shapes = [args.mfu_shape] if section == "mfu" else args.shapes.split(",")
         for shape in shapes:
-            if section == "decode" and not args.quick and len(shapes) > 1 and shape != shapes[0]:
-                continue  # one shape is enough to see the slope; the first one listed
+            if section in ("decode", "mixed") and not args.quick and len(shapes) > 1 and shape != shapes[0]:
+                continue  # one shape is enough to see the slope and the mixing gain; the first one listed
             entry: dict[str, Any] = {}
             if args.budget_s and time.time() - started > args.budget_s:
                 entry["skipped"] = f"the run passed --budget-s {args.budget_s} before this section"

@@ -47,3 +47,26 @@ def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
     for name in ("bare", "ours", "ours_copy_each_step"):
         assert decode[name]["last_ms"] > 0
     assert all("peak_rss_mb" in entry for entry in result["decode"].values())
+
+
+def test_gpu_check_quick_compares_the_fast_paths_and_resume_on_this_machine(tmp_path: Path) -> None:
+    """bench/gpu_check.py --quick on the CPU: its figures are the CPU suite's claims, so here they must hold."""
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == 0 and "cpu_flags" in result["machine"]
+    check = result["fast_paths"]["llama-gqa/float32"]
+    assert check["prefill_max_diff"] <= 1e-5 and check["grad_max_rel_diff"] <= 1e-5
+    assert check["kernels"]["fast"]["math"].startswith("ran")
+    for run in check["generate"].values():
+        assert run["tokens_equal_copy_path"] and run["max_diff_to_recomputed"] <= 1e-5
+    for run in result["resume"].values():  # on a CPU a resumed run is the straight run, bit for bit
+        assert run["exit_codes"] == [0, 0, 130, 0] and run["resumed_bitwise"] and run["two_straight_runs_bitwise"]
