@@ -10,6 +10,7 @@ depend on the weights). Sections, each reported under its own key of the JSON:
             tokens, the 512-wide reparameterization MLP on both sides), alternating step by step on the same
             batches; the ratio two ways: the mechanism alone (ours computes logits at every position, like PEFT)
             and as shipped (ours: logits on target positions only). Median of the per-step ratios.
+            --reference-dtype float32 adds PEFT in float32 to the same alternation (ours in bf16 against it).
 - mfu:      model FLOP utilization of our prefix training on the Llama-3.2-1B shape at 8 x 1024 tokens, against
             --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
 - generate: greedy tokens/s at batch 1 and 8: the bare model, our prefix, PEFT's prefix (its own generate; not
@@ -80,20 +81,33 @@ def section_train(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> d
         "ours": torch.optim.AdamW(mine.trainable_parameters(), lr=1e-4),
         "peft": torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4),
     }
+    reference = getattr(torch, args.reference_dtype) if args.reference_dtype else None
+    if reference is not None and reference != dtype:  # PEFT in another dtype too (bf16 ours vs PEFT's float32)
+        other = peft_prefix(build(shape, reference, args.device))
+        other.train()
+        setups["peft_reference"] = (other, lambda b: other(**b).loss)
+        optimizers["peft_reference"] = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=1e-4)
     times: dict[str, list[float]] = {name: [] for name in setups}
     for i, batch in enumerate(data):
         for name, (model, loss_fn) in setups.items():
-            elapsed = train_step(model, optimizers[name.split("_")[0]], loss_fn, batch, args.device)
+            optimizer = optimizers[name if name in optimizers else name.split("_")[0]]
+            elapsed = train_step(model, optimizer, loss_fn, batch, args.device)
             if i > 0:  # the first batch warms up
                 times[name].append(elapsed)
     tokens = rows * length
     out: dict[str, Any] = {"batch": [rows, length], "timed_steps": steps, "virtual_tokens": VIRTUAL_TOKENS}
     out["tokens_per_s"] = {name: round(tokens / statistics.median(t), 1) for name, t in times.items()}
-    peft_times = times["peft"]
-    out["ratio_vs_peft"] = {
-        "shipped": round(statistics.median(p / o for p, o in zip(peft_times, times["ours_shipped"])), 3),
-        "mechanism": round(statistics.median(p / o for p, o in zip(peft_times, times["ours_all_logits"])), 3),
-    }
+
+    def ratios(baseline: list[float]) -> dict[str, float]:  # median of per-step ratios: load hits both alike
+        return {
+            "shipped": round(statistics.median(p / o for p, o in zip(baseline, times["ours_shipped"])), 3),
+            "mechanism": round(statistics.median(p / o for p, o in zip(baseline, times["ours_all_logits"])), 3),
+        }
+
+    out["ratio_vs_peft"] = ratios(times["peft"])
+    if "peft_reference" in times:
+        out["reference_dtype"] = args.reference_dtype
+        out["ratio_vs_peft_reference"] = ratios(times["peft_reference"])
     return out
 
 
@@ -244,6 +258,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per model (default 3)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per side (CPU: 6)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--reference-dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="train: PEFT also in this dtype, timed in the same alternation (e.g. ours in bf16 vs PEFT in float32)",
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="skip the sections left after this many seconds")
     args = parser.parse_args(argv)
     if args.quick:

@@ -17,7 +17,8 @@ def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "quick.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--json", str(out)]
+        + ["--reference-dtype", "bfloat16"],  # PEFT in a second dtype (the bf16-vs-float32 figure)
         capture_output=True,
         text=True,
         env=env,
@@ -31,7 +32,8 @@ def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
     assert set(train["ratio_vs_peft"]) == {"shipped", "mechanism"} and all(
         v > 0 for v in train["ratio_vs_peft"].values()
     )
-    assert set(train["tokens_per_s"]) == {"ours_shipped", "ours_all_logits", "peft"}
+    assert set(train["tokens_per_s"]) == {"ours_shipped", "ours_all_logits", "peft", "peft_reference"}
+    assert train["reference_dtype"] == "bfloat16" and set(train["ratio_vs_peft_reference"]) == {"shipped", "mechanism"}
     assert result["mfu"]["tiny"]["model_tflops_per_s"] >= 0 and result["mfu"]["tiny"]["step_s"] > 0
     generate = result["generate"]["tiny"]
     for rows in ("b1", "b8"):
