@@ -127,6 +127,48 @@ def test_defaults_follow_this_machine(capsys) -> None:
 # ----- bfloat16 weights, float32 prefixes --------------------------------------------------------------------
 
 
+def test_bf16_training_on_a_cpu_runs_attention_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's CPU SDPA backward is about twice as slow in bf16 as in float32: with gradients on, our attention hands
+    the kernel float32 (mask too) and casts its output back; without (eval, generate) it stays bf16. Logits and the
+    prefix's gradient agree with the bf16 kernel's, with and without padding (a dense mask)."""
+    import prefixtune.prefix as attention
+
+    pm = prefixtune.attach(tiny("llama-gqa").to(torch.bfloat16), PrefixConfig(num_virtual_tokens=3, init="random"))
+    seen: list[tuple[torch.dtype, torch.dtype | None]] = []
+    kernel = attention.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((query.dtype, mask.dtype if isinstance(mask, torch.Tensor) else None))
+        return kernel(module, query, key, value, mask, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    upcasting = attention._float32_sdpa
+    padded = torch.ones_like(IDS)
+    padded[1, :2] = 0
+    for mask in (None, padded):
+        runs = []
+        for upcast in (True, False):  # ours, then the bf16 kernel itself for reference
+            monkeypatch.setattr(attention, "_float32_sdpa", upcasting if upcast else lambda k, *a, **kw: k(*a, **kw))
+            pm.zero_grad()
+            seen.clear()
+            logits = pm(input_ids=IDS, attention_mask=mask).logits
+            logits.float().square().mean().backward()
+            assert logits.dtype == torch.bfloat16
+            assert {q for q, _ in seen} == {torch.float32 if upcast else torch.bfloat16}
+            if mask is not None:
+                assert all(m in (torch.bool, torch.float32 if upcast else torch.bfloat16) for _, m in seen)
+            grad = torch.cat([p.grad.flatten() for p in pm.trainable_parameters() if p.grad is not None])
+            runs.append((logits.detach().float(), grad))
+        (fast, fast_grad), (plain, plain_grad) = runs
+        torch.testing.assert_close(fast, plain, **BF16_TOL)
+        assert fast_grad.abs().max() > 0 and torch.nn.functional.cosine_similarity(fast_grad, plain_grad, dim=0) > 0.99
+    monkeypatch.setattr(attention, "_float32_sdpa", upcasting)
+    seen.clear()
+    with torch.no_grad():
+        pm(input_ids=IDS)
+    assert {q for q, _ in seen} == {torch.bfloat16}  # no gradients: the bf16 kernel, no casts
+
+
 def test_prefix_batch_is_built_in_the_models_dtype_once() -> None:
     torch.manual_seed(0)
     fp32 = prefixtune.attach(tiny(), PrefixConfig(num_virtual_tokens=3, projection_dim=8, init="random"))

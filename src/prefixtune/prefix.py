@@ -290,6 +290,16 @@ def _eager_kernel(module: nn.Module) -> Callable[..., Any]:
     return kernel
 
 
+def _float32_sdpa(kernel: Callable[..., Any], module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  mask: Any, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """SDPA in float32 for bfloat16 training on a CPU, its output cast back: torch's CPU SDPA backward is about
+    twice as slow in bfloat16 as in float32, casts included (docs/performance.md, "bfloat16 on a CPU")."""
+    if isinstance(mask, Tensor) and mask.is_floating_point():
+        mask = mask.float()
+    out, weights = kernel(module, query.float(), key.float(), value.float(), mask, *args, **kwargs)
+    return out.to(query.dtype), weights
+
+
 def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
     def prefix_attention(
         module: nn.Module,
@@ -333,6 +343,8 @@ def _make_prefix_attention(eager: bool) -> Callable[..., Any]:
                     prefix_keys, prefix_values = batch.layer_kv(layer)
                     key = torch.cat([prefix_keys, key], dim=2)  # (B, H_kv, P + S, D)
                     value = torch.cat([prefix_values, value], dim=2)
+        if not eager and query.dtype == torch.bfloat16 and query.device.type == "cpu" and torch.is_grad_enabled():
+            return _float32_sdpa(kernel, module, query, key, value, attention_mask, *args, **kwargs)
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return prefix_attention
