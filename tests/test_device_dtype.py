@@ -169,6 +169,24 @@ def test_bf16_training_on_a_cpu_runs_attention_in_float32(monkeypatch: pytest.Mo
     assert {q for q, _ in seen} == {torch.bfloat16}  # no gradients: the bf16 kernel, no casts
 
 
+@pytest.mark.parametrize(("native", "dtype"), [(True, None), (False, None), (True, "float32")])
+def test_training_on_a_native_bf16_cpu_notes_bfloat16_once(
+    native: bool, dtype: str | None, model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """float32 stays the CPU default; where the CPU has native bfloat16 and no dtype was chosen, training says once
+    that --dtype bfloat16 is faster there (docs/performance.md); an explicit dtype or an emulating CPU: no note."""
+    import prefixtune.train.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    cfg = TrainConfig(
+        model=str(model_dir), data=str(data_file), out=str(tmp_path / "run"), max_steps=1, batch_size=4,
+        train_split="all", device="cpu", dtype=dtype, options={"num_virtual_tokens": 2, "init": "random"},
+    )  # fmt: skip
+    result = train(cfg, progress=True)
+    assert result.model.base_model.dtype == torch.float32
+    assert capsys.readouterr().err.count(loop.BF16_HINT) == (1 if native and dtype is None else 0)
+
+
 def test_prefix_batch_is_built_in_the_models_dtype_once() -> None:
     torch.manual_seed(0)
     fp32 = prefixtune.attach(tiny(), PrefixConfig(num_virtual_tokens=3, projection_dim=8, init="random"))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import data, peft_format
 from ..atomic import remove_stale_temp
 from ..config import TrainConfig, save_config
-from ..devices import input_device
+from ..devices import cpu_has_native_bf16, input_device
 from ..efficiency import enable_gradient_checkpointing
 from ..errors import PrefixTuneError
 from ..eval.likelihood import encoded_batches, summed_losses
@@ -46,6 +46,10 @@ from .step import nonfinite, nonfinite_stop, train_step
 from .tasks import TaskLoop
 
 NO_GAIN = "without improvement"
+BF16_HINT = (
+    "note: this CPU computes bfloat16 natively: --dtype bfloat16 trains about 1.7-2x faster here at the same quality "
+    "(E2E), while float32 stays the default (docs/performance.md, 'bfloat16 on a CPU')"
+)
 
 
 def train(
@@ -164,6 +168,9 @@ class Trainer:
             if self.resume:  # what a killed run logged or half-wrote after its checkpoint is logged again from there
                 keep_metrics_until(self.metrics_path, self.step)
         self.model = runtime.prepare(self.trained, self.trained.trainable_parameters())  # wrapped: DDP, FSDP
+        on_cpu = self.placement.device is not None and self.placement.device.type == "cpu"
+        if self.progress and cfg.dtype is None and on_cpu and cpu_has_native_bf16():  # after every check passed
+            _say(True, BF16_HINT)
 
     def _task_loop(self, task: tasks.TaskData) -> TaskLoop:
         cfg = self.cfg
