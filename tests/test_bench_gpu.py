@@ -13,19 +13,23 @@ from peft_support import peft_prefix_tuning_broken
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
+def _quick(tmp_path: Path, script: str, *extra: str) -> dict:
+    """bench/SCRIPT --quick in a subprocess (prefixtune from src/): its JSON, after a zero exit."""
     out = tmp_path / "quick.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--json", str(out)]
-        + ["--reference-dtype", "bfloat16"],  # PEFT in a second dtype (the bf16-vs-float32 figure)
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out), *extra],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
+    # PEFT in a second dtype too (the bf16-vs-float32 figure)
+    result = _quick(tmp_path, "gpu.py", "--reference-dtype", "bfloat16")
     assert {"machine", "dtype", "seconds", "train", "mfu", "generate", "mixed", "decode"} <= set(result)
     assert "cpu_flags" in result["machine"] and result["dtype"] == "float32"
     train = result["train"]["tiny"]
@@ -53,17 +57,7 @@ def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
 
 def test_gpu_check_quick_compares_the_fast_paths_and_resume_on_this_machine(tmp_path: Path) -> None:
     """bench/gpu_check.py --quick on the CPU: its figures are the CPU suite's claims, so here they must hold."""
-    out = tmp_path / "check.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _quick(tmp_path, "gpu_check.py")
     assert result["errors"] == 0 and "cpu_flags" in result["machine"]
     check = result["fast_paths"]["llama-gqa/float32"]
     assert check["prefill_max_diff"] <= 1e-5 and check["grad_max_rel_diff"] <= 1e-5
