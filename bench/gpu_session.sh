@@ -4,6 +4,10 @@
 # kernels) and the CLI and device tests with CUDA present. Each part has its own time limit and writes its
 # output as it goes, so a part cut short loses nothing the others measured. Run from the repository root:
 #   OUT=/some/dir bash bench/gpu_session.sh     # .whl/*.whl, if present, are installed first (PEFT as locked)
+# The wheels, fetched here beforehand (the GPU machine has no network; .whl/ is in .git/info/exclude):
+#   echo /.whl/ >> .git/info/exclude; .venv/bin/python -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl peft==0.21.2
+# The device call: run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=560)
 set -uo pipefail
 OUT=${OUT:-runs/gpu-session}
 mkdir -p "$OUT"
