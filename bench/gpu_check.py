@@ -27,6 +27,8 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +39,23 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import prefixtune  # noqa: E402
 import prefixtune.prefix as attention  # noqa: E402
 from bench.gpu_models import machine  # noqa: E402
-from prefixtune import BASE, PrefixConfig, cli  # noqa: E402
+from prefixtune import BASE, cli  # noqa: E402
 from prefixtune.atomic import atomic_write_bytes  # noqa: E402
-from tiny import ARCHITECTURES, tiny  # noqa: E402
+from tiny import ARCHITECTURES, attach_two, recomputed, tiny  # noqa: E402
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
-def _paths(fast: bool) -> Any:
-    class Paths:
-        def __enter__(self) -> None:
-            self.token = attention.FAST_PATHS.set(fast)
-
-        def __exit__(self, *exc: Any) -> None:
-            attention.FAST_PATHS.reset(self.token)
-
-    return Paths()
-
-
-def _attach_two(model: torch.nn.Module) -> prefixtune.PrefixModel:
-    torch.manual_seed(1)
-    pm = prefixtune.attach(model, PrefixConfig(num_virtual_tokens=3, init="random"), name="a")
-    pm.add_adapter("b", PrefixConfig(num_virtual_tokens=5, reparameterize=False, init="random"))
-    return pm
+@contextmanager
+def _paths(fast: bool) -> Iterator[None]:
+    """The fast paths on or off (off: the general, dense-mask and copying paths), as tests/test_fast_paths.py does."""
+    token = attention.FAST_PATHS.set(fast)
+    try:
+        yield
+    finally:
+        attention.FAST_PATHS.reset(token)
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,7 +63,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fast_paths(arch: str, dtype: torch.dtype, device: str) -> dict[str, Any]:
-    pm = _attach_two(tiny(arch).to(device=device, dtype=dtype))
+    pm = attach_two(tiny(arch).to(device=device, dtype=dtype))
     vocab = pm.base_model.get_input_embeddings().num_embeddings
     ids = torch.randint(5, vocab, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     out: dict[str, Any] = {}
@@ -121,14 +114,7 @@ def _generate(pm: Any, ids: torch.Tensor, mask: torch.Tensor | None, names: list
         copied = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
     seq = stored.sequences
     with torch.no_grad():
-        if mask is None:
-            full = pm(input_ids=seq, adapter_names=names, use_cache=False).logits
-        else:
-            full_mask = torch.cat([mask, torch.ones_like(seq[:, mask.shape[1] :])], dim=1)
-            positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
-            full = pm(
-                input_ids=seq, attention_mask=full_mask, position_ids=positions, adapter_names=names, use_cache=False
-            ).logits
+        full = recomputed(pm, seq, mask, names)
     start = ids.shape[1]
     return {
         "tokens_equal_copy_path": bool(torch.equal(seq, copied.sequences)),

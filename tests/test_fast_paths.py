@@ -20,7 +20,7 @@ import prefixtune
 import prefixtune.prefix as attention
 from prefixtune import BASE, PrefixConfig, PrefixTuneError
 from prefixtune.decode_cache import PrefixLayer
-from tiny import ARCHITECTURES, tiny
+from tiny import ARCHITECTURES, attach_two, recomputed, tiny
 from tiny_seq2seq import tiny_seq2seq
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
@@ -35,13 +35,6 @@ def general_paths() -> Iterator[None]:
         yield
     finally:
         attention.FAST_PATHS.reset(token)
-
-
-def _attach_two(model: torch.nn.Module) -> prefixtune.PrefixModel:
-    torch.manual_seed(1)
-    pm = prefixtune.attach(model, PrefixConfig(num_virtual_tokens=3, init="random"), name="a")
-    pm.add_adapter("b", PrefixConfig(num_virtual_tokens=5, reparameterize=False, init="random"))
-    return pm
 
 
 def _model(arch: str) -> torch.nn.Module:
@@ -71,7 +64,7 @@ def kernel_masks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
 
 @pytest.mark.parametrize("arch", [*ARCHITECTURES, *SEQ2SEQ])
 def test_lower_right_prefill_equals_the_dense_mask(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    pm = _attach_two(_model(arch))
+    pm = attach_two(_model(arch))
     # sliding-window models (window 4) pass no mask only while the sequence fits the window
     inputs = _inputs(arch, IDS[:, :3] if arch in SLIDING else IDS)
     with torch.no_grad():
@@ -95,7 +88,7 @@ def test_lower_right_prefill_equals_the_dense_mask(arch: str, monkeypatch: pytes
 
 
 def test_padding_keeps_the_dense_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    pm = _attach_two(tiny("llama-gqa"))
+    pm = attach_two(tiny("llama-gqa"))
     mask = torch.ones_like(IDS)
     mask[0, :2] = 0
     with torch.no_grad(), kernel_masks(monkeypatch) as seen:
@@ -104,7 +97,7 @@ def test_padding_keeps_the_dense_mask(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_eager_keeps_the_dense_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    pm = _attach_two(tiny("llama-gqa", "eager"))
+    pm = attach_two(tiny("llama-gqa", "eager"))
     calls = []
     widen = attention._widen_mask
     monkeypatch.setattr(attention, "_widen_mask", lambda *a, **k: calls.append(1) or widen(*a, **k))
@@ -114,7 +107,7 @@ def test_eager_keeps_the_dense_mask(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_lower_right_gradients_equal_the_dense_mask() -> None:
-    pm = _attach_two(tiny("llama-gqa"))
+    pm = attach_two(tiny("llama-gqa"))
     grads = []
     for fast in (True, False):
         pm.zero_grad()
@@ -127,17 +120,6 @@ def test_lower_right_gradients_equal_the_dense_mask() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
-def _recomputed(pm: prefixtune.PrefixModel, sequences: torch.Tensor, mask: torch.Tensor | None, names: list[str]):
-    """Logits at every position of the whole sequence, one forward, no cache."""
-    if mask is None:
-        return pm(input_ids=sequences, adapter_names=names, use_cache=False).logits
-    full_mask = torch.cat([mask, torch.ones_like(sequences[:, mask.shape[1] :])], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)  # generate's, for left padding
-    return pm(
-        input_ids=sequences, attention_mask=full_mask, position_ids=positions, adapter_names=names, use_cache=False
-    ).logits
-
-
 def _check_generate(pm, ids, mask, names, **options) -> None:  # type: ignore[no-untyped-def]
     new = 6
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, output_logits=True, return_dict_in_generate=True)
@@ -148,7 +130,7 @@ def _check_generate(pm, ids, mask, names, **options) -> None:  # type: ignore[no
         copied = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs, **options)
     assert torch.equal(out.sequences, copied.sequences)
     with torch.no_grad():
-        full = _recomputed(pm, out.sequences, mask, names)
+        full = recomputed(pm, out.sequences, mask, names)
     start = ids.shape[1]
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, start + step - 1], rtol=0, atol=1e-5)
@@ -169,7 +151,7 @@ def _check_generate(pm, ids, mask, names, **options) -> None:  # type: ignore[no
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_generate_equals_the_recomputed_path(arch: str, sample: bool) -> None:
-    pm = _attach_two(tiny(arch))
+    pm = attach_two(tiny(arch))
     options = {"do_sample": True, "top_k": 0, "temperature": 1.0} if sample else {"do_sample": False}
     _check_generate(pm, IDS[:1], None, ["a"], **options)
     # mixed adapters (different lengths, a row without a prefix), left padding
@@ -181,13 +163,13 @@ def test_generate_equals_the_recomputed_path(arch: str, sample: bool) -> None:
 
 
 def test_sliding_window_layers_keep_the_copy_path() -> None:
-    pm = _attach_two(tiny("mistral"))
+    pm = attach_two(tiny("mistral"))
     out = pm.generate(input_ids=IDS[:1], max_new_tokens=3, return_dict_in_generate=True, adapter_names=["a"])
     assert not any(isinstance(layer, PrefixLayer) for layer in out.past_key_values.layers)
 
 
 def test_beam_search_reorders_the_stored_prefix() -> None:
-    pm = _attach_two(tiny("llama-gqa"))
+    pm = attach_two(tiny("llama-gqa"))
     ids = torch.cat([IDS, IDS[:1]])
     kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
     fast = pm.generate(input_ids=ids, adapter_names=["a", "b", BASE], **kwargs)
@@ -199,7 +181,7 @@ def test_beam_search_reorders_the_stored_prefix() -> None:
 def test_a_cache_passed_in_takes_the_copy_path() -> None:
     from transformers import DynamicCache
 
-    pm = _attach_two(tiny("llama-gqa"))
+    pm = attach_two(tiny("llama-gqa"))
     cache = DynamicCache()
     out = pm.generate(input_ids=IDS[:1], past_key_values=cache, max_new_tokens=3, adapter_names=["a"])
     assert not any(isinstance(layer, PrefixLayer) for layer in cache.layers)
@@ -207,7 +189,7 @@ def test_a_cache_passed_in_takes_the_copy_path() -> None:
 
 
 def test_a_returned_cache_continues_in_a_later_call() -> None:
-    pm = _attach_two(tiny("llama-gqa"))
+    pm = attach_two(tiny("llama-gqa"))
     out = pm.generate(input_ids=IDS[:1], max_new_tokens=3, return_dict_in_generate=True, adapter_names=["a"])
     cache = out.past_key_values
     assert any(isinstance(layer, PrefixLayer) for layer in cache.layers)

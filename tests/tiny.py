@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers as tf
@@ -142,3 +143,26 @@ def tiny(arch: str = "llama-gqa", attn: str = "sdpa", seed: int = 0) -> tf.PreTr
     model.set_attn_implementation(attn)
     model.generation_config.pad_token_id = 0
     return model
+
+
+def attach_two(model: tf.PreTrainedModel) -> Any:
+    """Adapter "a" (3 virtual tokens, MLP) and "b" (5, direct), random init: the fast-path checks' pair
+    (tests/test_fast_paths.py and bench/gpu_check.py)."""
+    import prefixtune
+
+    torch.manual_seed(1)
+    pm = prefixtune.attach(model, prefixtune.PrefixConfig(num_virtual_tokens=3, init="random"), name="a")
+    pm.add_adapter("b", prefixtune.PrefixConfig(num_virtual_tokens=5, reparameterize=False, init="random"))
+    return pm
+
+
+def recomputed(pm: Any, sequences: torch.Tensor, mask: torch.Tensor | None, names: list[str]) -> torch.Tensor:
+    """Logits at every position of the whole sequence, one forward, no cache (what `generate` must match);
+    `mask` covers the prompt, left padding included, and positions follow it as generate's do."""
+    if mask is None:
+        return pm(input_ids=sequences, adapter_names=names, use_cache=False).logits
+    full_mask = torch.cat([mask, torch.ones_like(sequences[:, mask.shape[1] :])], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)  # generate's, for left padding
+    return pm(
+        input_ids=sequences, attention_mask=full_mask, position_ids=positions, adapter_names=names, use_cache=False
+    ).logits
