@@ -10,7 +10,8 @@ depend on the weights). Sections, each reported under its own key of the JSON:
             tokens, the 512-wide reparameterization MLP on both sides), alternating step by step on the same
             batches; the ratio two ways: the mechanism alone (ours computes logits at every position, like PEFT)
             and as shipped (ours: logits on target positions only). Median of the per-step ratios.
-            --reference-dtype float32 adds PEFT in float32 to the same alternation (ours in bf16 against it).
+            --reference-dtype float32 adds PEFT in float32 to the same alternation (ours in bf16 against it),
+            and the two dtypes' matmul rates on the step's MLP shape (matmul_ratio: what the hardware gives).
 - mfu:      model FLOP utilization of our prefix training on the Llama-3.2-1B shape at 8 x 1024 tokens, against
             --peak-tflops (the H200's measured bf16 dense matmul rate) and against a matmul measured here.
 - generate: greedy tokens/s at batch 1 and 8: the bare model, our prefix, PEFT's prefix (its own generate; not
@@ -47,6 +48,7 @@ from bench.gpu_models import (  # noqa: E402
     build,
     machine,
     matmul_ceiling,
+    matmul_rates,
     ours,
     peak_memory,
     peft_prefix,
@@ -108,6 +110,12 @@ def section_train(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> d
     if "peft_reference" in times:
         out["reference_dtype"] = args.reference_dtype
         out["ratio_vs_peft_reference"] = ratios(times["peft_reference"])
+        # the hardware's own ratio between the two dtypes, on the step's MLP matmul: the ceiling for any ratio above
+        fields = SHAPES[shape][1]
+        mlp = (rows * length, fields["hidden_size"], fields["intermediate_size"])
+        rates = {str(d).split(".")[1]: r for d, r in matmul_rates([dtype, reference], args.device, *mlp).items()}
+        out["matmul_gflops"] = {"shape": list(mlp), **{d: round(r / 1e9, 1) for d, r in rates.items()}}
+        out["matmul_ratio"] = round(rates[str(dtype).split(".")[1]] / rates[args.reference_dtype], 3)
     return out
 
 

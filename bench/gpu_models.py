@@ -166,20 +166,31 @@ def train_step(model: Any, optimizer: Any, loss_fn: Any, batch: dict[str, torch.
 
 
 def matmul_ceiling(dtype: torch.dtype, device: str, n: int) -> float:
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
+    return matmul_rates([dtype], device, n, n, n)[dtype]
+
+
+def matmul_rates(dtypes: list[torch.dtype], device: str, m: int, k: int, n: int) -> dict[torch.dtype, float]:
+    """FLOP/s of x[m, k] @ w[n, k].T (a linear layer's forward) per dtype: the best of three 0.3 s windows, the
+    dtypes' windows alternating so that a load on the machine hits them alike."""
+    operands = {}
+    for dtype in dtypes:
+        operands[dtype] = (
+            torch.randn(m, k, dtype=dtype, device=device),
+            torch.randn(n, k, dtype=dtype, device=device).t(),
+        )
+        operands[dtype][0] @ operands[dtype][1]
     sync(device)
-    best = 0.0
+    best = dict.fromkeys(dtypes, 0.0)
     for _ in range(3):
-        start, count = time.perf_counter(), 0
-        while time.perf_counter() - start < 0.3:
-            a @ b
-            count += 1
-            if count % 8 == 0:
-                sync(device)
-        sync(device)
-        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+        for dtype, (a, b) in operands.items():
+            start, count = time.perf_counter(), 0
+            while time.perf_counter() - start < 0.3:
+                a @ b
+                count += 1
+                if count % 8 == 0:
+                    sync(device)
+            sync(device)
+            best[dtype] = max(best[dtype], 2 * m * k * n * count / (time.perf_counter() - start))
     return best
 
 

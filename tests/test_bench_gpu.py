@@ -38,6 +38,8 @@ def test_gpu_bench_quick_writes_every_section(tmp_path: Path) -> None:
     )
     assert set(train["tokens_per_s"]) == {"ours_shipped", "ours_all_logits", "peft", "peft_reference"}
     assert train["reference_dtype"] == "bfloat16" and set(train["ratio_vs_peft_reference"]) == {"shipped", "mechanism"}
+    assert train["matmul_gflops"]["shape"] == [2 * 16, 64, 128] and train["matmul_ratio"] > 0
+    assert train["matmul_gflops"]["float32"] > 0 and train["matmul_gflops"]["bfloat16"] > 0
     assert result["mfu"]["tiny"]["model_tflops_per_s"] >= 0 and result["mfu"]["tiny"]["step_s"] > 0
     generate = result["generate"]["tiny"]
     for rows in ("b1", "b8"):
