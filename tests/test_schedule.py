@@ -1,5 +1,5 @@
-"""The budget and the learning-rate schedule: by default at least 80 steps (one epoch on large data), warmup that
-follows the run's length, then linear or cosine decay."""
+"""The budget and the learning-rate schedule: by default 6 epochs kept between 80 and 160 steps (one epoch on large
+data), warmup that follows the run's length, then linear or cosine decay."""
 
 from __future__ import annotations
 
@@ -14,9 +14,20 @@ from prefixtune.train.optim import schedule, warmup_steps
 
 @pytest.mark.parametrize(
     "epochs, per_epoch, expected",
-    [(None, 7, 80), (None, 80, 80), (None, 700, 700), (1.0, 7, 7), (2.5, 7, 18), (0.01, 7, 1)],
+    [
+        (None, 7, 80),  # 50 examples of batch 8: 6 epochs are 42 steps, too few
+        (None, 13, 80),  # 100: 78
+        (None, 14, 84),
+        (None, 25, 150),  # 200
+        (None, 63, 160),  # 500: 378, too many
+        (None, 160, 160),
+        (None, 700, 700),  # one epoch is more
+        (1.0, 7, 7),
+        (2.5, 7, 18),
+        (0.01, 7, 1),
+    ],
 )
-def test_the_default_budget_is_one_epoch_or_80_steps_whichever_is_more(epochs, per_epoch, expected) -> None:
+def test_the_default_budget_is_6_epochs_between_80_and_160_steps_or_one_epoch(epochs, per_epoch, expected) -> None:
     assert total_steps(epochs, per_epoch) == expected
 
 

@@ -54,7 +54,9 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
     epochs: float | None = field(
         default=None,
-        metadata={"help": "passes over the training data (default: one, or more on small data: at least 80 steps)"},
+        metadata={
+            "help": "passes over the training data (default: 6, kept between 80 and 160 steps, or one if that is more)"
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
