@@ -110,7 +110,10 @@ class ForkServer:
     def kill(self, pid: int) -> None:
         with self.cond:  # never signal a pid whose exit was reported: it could belong to another process by now
             if pid not in self.exited:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it exited and was reaped; the exit is on its way from the server
+                    pass
 
     def wait(self, pid: int, timeout: float = 300) -> int:
         with self.cond:
