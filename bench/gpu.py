@@ -113,9 +113,10 @@ def section_train(args: argparse.Namespace, shape: str, dtype: torch.dtype) -> d
         # the hardware's own ratio between the two dtypes, on the step's MLP matmul: the ceiling for any ratio above
         fields = SHAPES[shape][1]
         mlp = (rows * length, fields["hidden_size"], fields["intermediate_size"])
-        rates = {str(d).split(".")[1]: r for d, r in matmul_rates([dtype, reference], args.device, *mlp).items()}
-        out["matmul_gflops"] = {"shape": list(mlp), **{d: round(r / 1e9, 1) for d, r in rates.items()}}
-        out["matmul_ratio"] = round(rates[str(dtype).split(".")[1]] / rates[args.reference_dtype], 3)
+        rates = matmul_rates([dtype, reference], args.device, *mlp)
+        gflops = {args.dtype: rates[dtype] / 1e9, args.reference_dtype: rates[reference] / 1e9}
+        out["matmul_gflops"] = {"shape": list(mlp), **{name: round(r, 1) for name, r in gflops.items()}}
+        out["matmul_ratio"] = round(rates[dtype] / rates[reference], 3)
     return out
 
 

@@ -27,8 +27,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +37,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import prefixtune.prefix as attention  # noqa: E402
 from bench.gpu_models import machine  # noqa: E402
 from prefixtune import BASE, cli  # noqa: E402
 from prefixtune.atomic import atomic_write_bytes  # noqa: E402
-from tiny import ARCHITECTURES, attach_two, recomputed, tiny  # noqa: E402
+from tiny import ARCHITECTURES, attach_two, fast_paths_enabled, recomputed, tiny  # noqa: E402
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
-@contextmanager
-def _paths(fast: bool) -> Iterator[None]:
-    """The fast paths on or off (off: the general, dense-mask and copying paths), as tests/test_fast_paths.py does."""
-    token = attention.FAST_PATHS.set(fast)
-    try:
-        yield
-    finally:
-        attention.FAST_PATHS.reset(token)
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,9 +55,9 @@ def fast_paths(arch: str, dtype: torch.dtype, device: str) -> dict[str, Any]:
     ids = torch.randint(5, vocab, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     out: dict[str, Any] = {}
     with torch.no_grad():
-        with _paths(True):
+        with fast_paths_enabled(True):
             fast = pm(input_ids=ids, adapter_names=["a", "a"]).logits
-        with _paths(False):
+        with fast_paths_enabled(False):
             dense = pm(input_ids=ids, adapter_names=["a", "a"]).logits
         out["prefill_max_diff"] = _diff(fast, dense)
         out["logit_scale"] = float(dense.float().abs().max())
@@ -79,7 +66,7 @@ def fast_paths(arch: str, dtype: torch.dtype, device: str) -> dict[str, Any]:
             kernels[path] = {}
             for name, backend in KERNELS.items():
                 try:
-                    with _paths(flag), sdpa_kernel([backend]):
+                    with fast_paths_enabled(flag), sdpa_kernel([backend]):
                         got = pm(input_ids=ids, adapter_names=["a", "a"]).logits
                     kernels[path][name] = f"ran, max diff to dense {_diff(got, dense):.3g}"
                 except RuntimeError as e:
@@ -88,7 +75,7 @@ def fast_paths(arch: str, dtype: torch.dtype, device: str) -> dict[str, Any]:
     grads = []
     for flag in (True, False):
         pm.zero_grad()
-        with _paths(flag):
+        with fast_paths_enabled(flag):
             pm(input_ids=ids, adapter_names=["a", "a"]).logits.float().square().mean().backward()
         grads.append(pm.adapters["a"].embedding.grad.clone())
     out["grad_max_rel_diff"] = _diff(grads[0], grads[1]) / max(float(grads[1].abs().max()), 1e-30)
@@ -110,7 +97,7 @@ def _mixed(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _generate(pm: Any, ids: torch.Tensor, mask: torch.Tensor | None, names: list[str]) -> dict[str, Any]:
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     stored = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
-    with _paths(False):
+    with fast_paths_enabled(False):
         copied = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
     seq = stored.sequences
     with torch.no_grad():

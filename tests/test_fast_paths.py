@@ -20,21 +20,12 @@ import prefixtune
 import prefixtune.prefix as attention
 from prefixtune import BASE, PrefixConfig, PrefixTuneError
 from prefixtune.decode_cache import PrefixLayer
-from tiny import ARCHITECTURES, attach_two, recomputed, tiny
+from tiny import ARCHITECTURES, attach_two, fast_paths_enabled, recomputed, tiny
 from tiny_seq2seq import tiny_seq2seq
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 SEQ2SEQ = ["bart", "t5"]
 SLIDING = ("mistral", "gemma3")
-
-
-@contextmanager
-def general_paths() -> Iterator[None]:
-    token = attention.FAST_PATHS.set(False)
-    try:
-        yield
-    finally:
-        attention.FAST_PATHS.reset(token)
 
 
 def _model(arch: str) -> torch.nn.Module:
@@ -73,7 +64,7 @@ def test_lower_right_prefill_equals_the_dense_mask(arch: str, monkeypatch: pytes
         assert "dense" not in seen or arch == "t5"  # T5's position bias is added to a dense mask (sdpa needs one)
         if arch != "t5":
             assert any(isinstance(m, CausalBias) for m in seen), "no causal prefill took the lower-right form"
-        with general_paths():
+        with fast_paths_enabled(False):
             dense = pm(**inputs, adapter_names=["a", "a"]).logits
         torch.testing.assert_close(fast, dense, rtol=0, atol=1e-5)
         # mixed prefix lengths keep a dense mask, with the same logits as before
@@ -83,7 +74,7 @@ def test_lower_right_prefill_equals_the_dense_mask(arch: str, monkeypatch: pytes
     if arch in SLIDING:  # longer than the window: the model's own mask, widened, equal either way
         with torch.no_grad():
             fast = pm(input_ids=IDS, adapter_names=["a", "a"]).logits
-            with general_paths():
+            with fast_paths_enabled(False):
                 torch.testing.assert_close(fast, pm(input_ids=IDS, adapter_names=["a", "a"]).logits, rtol=0, atol=1e-5)
 
 
@@ -111,11 +102,8 @@ def test_lower_right_gradients_equal_the_dense_mask() -> None:
     grads = []
     for fast in (True, False):
         pm.zero_grad()
-        token = attention.FAST_PATHS.set(fast)
-        try:
+        with fast_paths_enabled(fast):
             pm(input_ids=IDS, adapter_names=["a", "a"]).logits.square().mean().backward()
-        finally:
-            attention.FAST_PATHS.reset(token)
         grads.append(pm.adapters["a"].embedding.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
@@ -125,7 +113,7 @@ def _check_generate(pm, ids, mask, names, **options) -> None:  # type: ignore[no
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, output_logits=True, return_dict_in_generate=True)
     torch.manual_seed(3)
     out = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs, **options)
-    with general_paths():
+    with fast_paths_enabled(False):
         torch.manual_seed(3)
         copied = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs, **options)
     assert torch.equal(out.sequences, copied.sequences)
@@ -173,7 +161,7 @@ def test_beam_search_reorders_the_stored_prefix() -> None:
     ids = torch.cat([IDS, IDS[:1]])
     kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
     fast = pm.generate(input_ids=ids, adapter_names=["a", "b", BASE], **kwargs)
-    with general_paths():
+    with fast_paths_enabled(False):
         copied = pm.generate(input_ids=ids, adapter_names=["a", "b", BASE], **kwargs)
     assert torch.equal(fast, copied)
 

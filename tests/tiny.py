@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -166,3 +167,15 @@ def recomputed(pm: Any, sequences: torch.Tensor, mask: torch.Tensor | None, name
     return pm(
         input_ids=sequences, attention_mask=full_mask, position_ids=positions, adapter_names=names, use_cache=False
     ).logits
+
+
+@contextmanager
+def fast_paths_enabled(on: bool) -> Iterator[None]:
+    """prefixtune's fast paths on or off (off: the general dense-mask and copying paths they must equal)."""
+    import prefixtune.prefix as attention
+
+    token = attention.FAST_PATHS.set(on)
+    try:
+        yield
+    finally:
+        attention.FAST_PATHS.reset(token)
