@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from peft_support import live_peft_prefix
 from prefixtune import PrefixTuneError
 from prefixtune.methods.bottleneck import BottleneckModel
+from prefixtune.methods.full import set_dropout
 from prefixtune.methods.prompt import PromptConfig, PromptModel
 from prefixtune.methods.registry import (
     METHODS,
@@ -176,6 +177,30 @@ def test_adapter_starts_as_the_base_model_and_detaches_cleanly() -> None:
             torch.testing.assert_close(base(**inputs).logits, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_dropout_acts_only_while_training_and_survives_a_reload(arch: str, tmp_path) -> None:
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    with torch.no_grad():
+        expected = ARCHS[arch]()(**inputs).logits
+        plain = build_method("full", ARCHS[arch]()).train()  # the tiny models' own rates are 0: nothing drops
+        torch.testing.assert_close(plain(**inputs).logits, expected, atol=0, rtol=0)
+        model = build_method("full", ARCHS[arch](), {"dropout": 0.5})
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)  # eval mode: no dropout
+        model.train()
+        torch.manual_seed(0)
+        dropped = model(**inputs).logits
+        torch.manual_seed(1)
+        other = model(**inputs).logits
+        assert not torch.allclose(dropped, expected, atol=1e-3) and not torch.allclose(dropped, other, atol=1e-3)
+        model.eval().save_trained(tmp_path / "full")
+        loaded = load_trained(ARCHS[arch](), tmp_path / "full")
+        assert loaded.config.dropout == 0.5
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=0, rtol=0)
+        loaded.train()
+        torch.manual_seed(0)
+        torch.testing.assert_close(loaded(**inputs).logits, dropped, atol=0, rtol=0)
+
+
 def test_adapter_places_follow_the_style() -> None:
     houlsby = build_method("adapter", tiny_gpt2(), {"style": "houlsby"})
     pfeiffer = build_method("adapter", tiny_gpt2(), {"style": "pfeiffer"})
@@ -307,6 +332,11 @@ def test_bad_method_names_and_options_are_clear_errors(tmp_path) -> None:
         build_method("full", tiny_llama(), {"top_layers": 9})
     with pytest.raises(PrefixTuneError, match="style"):
         make_config("adapter", {"style": "parallel"})
+    for rate in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(PrefixTuneError, match="dropout must be a number in"):
+            make_config("full", {"dropout": rate})
+    with pytest.raises(PrefixTuneError, match="Linear has no dropout to set"):
+        set_dropout(torch.nn.Linear(2, 2), 0.1)
     with pytest.raises(PrefixTuneError, match="no saved prefixtune method"):
         load_trained(tiny_llama(), tmp_path)
     assert make_config("lora+prefix", {"r": 8, "prefix.dropout": 0.1}).lora.r == 8

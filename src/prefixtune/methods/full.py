@@ -41,12 +41,22 @@ SHAPE_FIELDS = (
 class FullConfig:
     """top_layers: None = every parameter trains; K = only the top K decoder layers, the final norm and (with
     train_head) the LM head train (Li & Liang's FT-top2 is K=2). When the LM head is tied to the input embeddings
-    (GPT-2, SmolLM2) training the head trains that one shared matrix."""
+    (GPT-2, SmolLM2) training the head trains that one shared matrix.
+    dropout: None = the model's own dropout rates; p = every dropout of the model set to p while it trains (the
+    attention-probability dropout of Llama-style attention, every nn.Dropout of GPT-2-style models): full
+    fine-tuning's regularizer, to set against the prefix's `dropout`."""
 
     top_layers: int | None = None
     train_head: bool = True
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
+        if self.dropout is not None and (
+            isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1
+        ):
+            raise PrefixTuneError(
+                f"dropout must be a number in [0, 1) (or None for the model's own), got {self.dropout!r}"
+            )
         if self.top_layers is not None and (not isinstance(self.top_layers, int) or self.top_layers < 1):
             raise PrefixTuneError(
                 f"top_layers must be an integer >= 1 (or None for all layers), got {self.top_layers!r}"
@@ -60,6 +70,8 @@ class FullModel(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
+        if config.dropout is not None:
+            set_dropout(model, float(config.dropout))
         if config.top_layers is None:
             model.requires_grad_(True)
             return
@@ -92,6 +104,22 @@ class FullModel(nn.Module):
             atomic.atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         except OSError as e:
             raise PrefixTuneError(f"cannot write the model to {directory}: {e.strerror}") from None
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout rate of `model` to p: nn.Dropout modules and the float `attention_dropout` that Llama-style
+    attention modules pass to the attention function while training. A model with neither is refused."""
+    found = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            found += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+            module.attention_dropout = p
+            found += 1
+    if not found:
+        raise PrefixTuneError(f"dropout={p}: {type(model).__name__} has no dropout to set; leave full.dropout unset")
 
 
 def build_full(model: nn.Module, config: FullConfig, tokenizer: Any = None) -> FullModel:
