@@ -10,6 +10,11 @@ class PrefixTuneError(Exception):
     """
 
 
+def is_dropout_rate(value: object) -> bool:
+    """A dropout probability as a user may give it: a real number (not a bool) in [0, 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
 def first_line(error: BaseException) -> str:
     """An exception as one line for a PrefixTuneError message: its type and the first line of its text."""
     lines = str(error).strip().splitlines()

@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .cache_argument import cache_from
-from .errors import PrefixTuneError
+from .errors import PrefixTuneError, is_dropout_rate
 from .masks import widen_mask as _widen_mask  # a module global: the tests count the dense widenings through it
 
 Init = Literal["random", "vocab", "text", "data"]
@@ -102,10 +102,7 @@ class PrefixConfig:
             (isinstance(self.reparameterize, bool), "reparameterize must be true or false"),
             (self.init in ("random", "vocab", "text", "data"), "init must be 'random', 'vocab', 'text' or 'data'"),
             (self.position_convention in ("peft", "zero"), "position_convention must be 'peft' or 'zero'"),
-            (
-                isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1,
-                "dropout must be a number in [0, 1)",
-            ),
+            (is_dropout_rate(self.dropout), "dropout must be a number in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import atomic
-from ..errors import PrefixTuneError
+from ..errors import PrefixTuneError, is_dropout_rate
 from .blocks import find_blocks
 
 CONFIG_FILE = "full_finetune.json"
@@ -51,9 +51,7 @@ class FullConfig:
     dropout: float | None = None
 
     def __post_init__(self) -> None:
-        if self.dropout is not None and (
-            isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1
-        ):
+        if self.dropout is not None and not is_dropout_rate(self.dropout):
             raise PrefixTuneError(
                 f"dropout must be a number in [0, 1) (or None for the model's own), got {self.dropout!r}"
             )

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import atomic
-from ..errors import PrefixTuneError
+from ..errors import PrefixTuneError, is_dropout_rate
 
 
 @dataclass
@@ -35,7 +35,7 @@ class LoraConfig:
             raise PrefixTuneError(f"r must be an integer >= 1, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise PrefixTuneError(f"alpha must be a number > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if not is_dropout_rate(self.dropout):
             raise PrefixTuneError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
