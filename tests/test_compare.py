@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(model_dir: Path, data_fi
         ("prefix", ["--sweep-sizes", "5", "--train-sizes", "3"], "not among --train-sizes"),
         ("prefix", ["--no-sweep", "--lr-sweep", "1,3"], "does not combine"),
         ("prefix", ["--bootstrap", "-1"], "--bootstrap"),
+        ("prefix", ["--jobs", "0"], "--jobs must be >= 1"),
         ("prefix,full", ["full.top_layers=0"], "top_layers"),
     ],
 )
@@ -254,6 +256,56 @@ def test_a_worker_error_is_one_line_and_the_run_stays_unfinished(model_dir, data
     assert err.startswith("prefixtune: error: prefix: cannot load the model") and len(err.splitlines()) == 1, err
     assert (out / "compare.json").is_file() and not (out / "runs" / "prefix" / "result.json").exists()
     assert not (out / "report.md").exists()
+
+
+def test_jobs_run_together_with_the_results_of_one_at_a_time(model_dir, data_file, tmp_path, capsys, monkeypatch):
+    """--jobs 2: the second worker starts before the first is done, and every run trains and scores as it does
+    one at a time (both sides with one torch thread per worker: the same arithmetic)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return [a for a in _args(model_dir, data_file, out, "prefix", "--seeds", "0,1", *extra) if a != "--quiet"]
+
+    assert cli.main(args(tmp_path / "one")) == 0
+    capsys.readouterr()
+    assert cli.main(args(tmp_path / "two", "--jobs", "2")) == 0
+    err = capsys.readouterr().err.splitlines()
+    started = [i for i, line in enumerate(err) if "in a new process" in line]
+    done = [i for i, line in enumerate(err) if ": done in " in line]
+    assert len(started) == len(done) == 2 and started[1] < done[0], err
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
+    assert [r["name"] for r in one] == [r["name"] for r in two] == ["prefix-nall-s0", "prefix-nall-s1"]
+    for a, b in zip(one, two):
+        assert (a["losses"], a["scores"], a["example_stats"]) == (b["losses"], b["scores"], b["example_stats"])
+        assert (a["jobs"], b["jobs"]) == (1, 2)
+    assert one[0]["losses"] != one[1]["losses"]  # two seeds: two different runs, not one result twice
+    assert "one at a time" in (tmp_path / "one" / "report.md").read_text()
+    assert "up to 2 at a time (`--jobs 2`" in (tmp_path / "two" / "report.md").read_text()
+    assert cli.main(args(tmp_path / "two")) == 0  # a resume with another --jobs: the same comparison, reused
+    assert "finished earlier, reusing" in capsys.readouterr().err
+
+
+def test_with_jobs_a_failure_stops_the_comparison_in_one_line(model_dir, data_file, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    out = tmp_path / "cmp"
+    assert cli.main(_args(broken, data_file, out, "prefix,lora", "--jobs", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefixtune: error: prefix: cannot load the model") and len(err.splitlines()) == 1, err
+    assert not list(out.glob("runs/*/result.json")) and not (out / "report.md").exists()
+
+
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch) -> None:
+    from prefixtune.compare.process import worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert worker_env(1) is None  # one at a time: torch's own default
+    assert worker_env(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert worker_env(4 * cores)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_env(2) is None  # the user's own setting is kept
 
 
 def test_a_directory_that_is_not_a_comparison_is_refused(model_dir, data_file, tmp_path, capsys) -> None:

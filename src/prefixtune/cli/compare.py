@@ -89,6 +89,13 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam width when scoring (1 = greedy)")
     p.add_argument("--untuned", action="store_true", help="also score the model without training")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (default 1); with N > 1 each gets cores/N torch threads "
+        "(unless threads=K or OMP_NUM_THREADS is set), and times and memory are measured on a shared machine",
+    )
     add_device_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="shared settings and METHOD.OPTION=VALUE")
 
@@ -100,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise PrefixTuneError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if args.jobs < 1:
+        raise PrefixTuneError(f"--jobs must be >= 1 (runs at a time), got {args.jobs}")
     if args.bootstrap < 0:
         raise PrefixTuneError(f"--bootstrap must be >= 0 (0: no interval), got {args.bootstrap}")
     if args.no_sweep and (args.lr_sweep or args.lrs or args.sweep_sizes or args.sweep_extend is not None):
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         bootstrap_seed=args.bootstrap_seed,
         metric=args.metric,
+        jobs=args.jobs,
     )
     if args.lr_sweep:
         settings.lr_factors = parse_factors(args.lr_sweep)

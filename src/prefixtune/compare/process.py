@@ -1,4 +1,5 @@
-"""One worker process of `prefixtune compare`: start it, follow its progress, turn its failure into one line.
+"""The worker processes of `prefixtune compare`: start one, follow its progress, turn its failure into one line;
+run several at a time (`--jobs`).
 
 Each run (a training cell, or the test scoring of a swept winner) is `python -m prefixtune.compare.worker --job
 JOB.json`; it writes its result file last, so a run whose result file exists is finished and is reused.
@@ -11,11 +12,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import PrefixTuneError
+
+T = TypeVar("T")
 
 
 def run_worker(
@@ -28,11 +31,13 @@ def run_worker(
     lock_fd: int,
     progress: bool,
     launch: Callable[[Path], Any] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the worker on `job_path` in a new process and return the result it wrote (raises on its failure).
 
-    `launch` (tests only) runs the job in this process instead (worker.run_job): the same plan, worker code and
-    files, without the seconds of a new interpreter's imports per run.
+    `jobs`: how many workers run at a time (their torch threads: `worker_env`). `launch` (tests only) runs the job
+    in this process instead (worker.run_job): the same plan, worker code and files, without the seconds of a new
+    interpreter's imports per run.
     """
     run_dir = job_path.parent
     if launch is not None:
@@ -49,6 +54,7 @@ def run_worker(
             [sys.executable, "-m", "prefixtune.compare.worker", "--job", str(job_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=worker_env(jobs),
             pass_fds=(lock_fd,),  # the worker holds the directory lock too, even if this process dies
         )
         try:
@@ -66,6 +72,42 @@ def run_worker(
     quality = ", ".join(f"{k} {scores[k]:g}" for k in ("bleu", "rougeL", "accuracy") if k in scores)
     say(progress, f"{tag}: done in {time.perf_counter() - started:.0f} s ({quality})")
     return result
+
+
+def worker_env(jobs: int) -> dict[str, str] | None:
+    """The environment of a worker when `jobs` run at a time: each gets its share of the cores as torch threads
+    (OMP_NUM_THREADS = usable cores // jobs, at least 1), so that the runs do not oversubscribe the CPU. A user's own
+    OMP_NUM_THREADS is kept, and a run's `threads=K` setting overrides both (worker.py). None: this process's."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))}
+
+
+def run_all(tasks: Sequence[Callable[[], T]], jobs: int) -> list[T]:
+    """Call every task (each runs one worker process and waits for it), up to `jobs` at a time; results in order.
+
+    One at a time they run in this thread, in order, and the first failure stops the rest. Several at a time they
+    run in threads: after a failure no further task starts, the running ones finish (what they trained is kept
+    for a resume), then the first failure in the tasks' order is raised. On Ctrl-C every worker got the signal
+    too (they share the terminal's process group): each saves a checkpoint and stops, and this waits for them.
+    """
+    if jobs <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="prefixtune-compare")
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        for future in futures:
+            future.cancel()  # only those not started yet
+        pool.shutdown(wait=True)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+    return [future.result() for future in futures]
 
 
 def _line_count(path: Path) -> int:

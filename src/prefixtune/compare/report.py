@@ -205,13 +205,23 @@ def _describe(settings: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return (
         f"Model `{settings['model']}`, data `{settings['data']}`; every method trains {settings['max_steps']} steps "
         f"of batch {settings['batch_size']} (seeds {', '.join(map(str, settings['seeds']))}) at "
-        f"{rate}, each run in its own process, one at a "
-        f"time. Scored on split `{settings['eval_split']}` ({examples} inputs{limit}); the quality metric is "
+        f"{rate}, each run in its own process, {_at_a_time(runs)}. "
+        f"Scored on split `{settings['eval_split']}` ({examples} inputs{limit}); the quality metric is "
         f"{label(quality_key(runs, metric=settings.get('metric')))}. {ci.describe(settings)} "
         "Peak RSS is the process's high-water mark at the end "
         "of training; it includes Python, torch and the base model, the same for every row (the part in "
         "parentheses is what training added after the model was loaded); a run resumed from a checkpoint shows "
         '"-" (its process did not see every step).'
+    )
+
+
+def _at_a_time(runs: list[dict[str, Any]]) -> str:
+    jobs = max((r.get("jobs", 1) for r in runs), default=1)
+    if jobs <= 1:
+        return "one at a time"
+    return (
+        f"up to {jobs} at a time (`--jobs {jobs}`: times and peak memory were measured while runs shared the "
+        "machine, each worker with its share of the cores)"
     )
 
 

@@ -17,8 +17,12 @@ only ever computed for winners.
 
 Each run is a worker process (worker.py) that loads the model, trains (from the run's checkpoint when an
 earlier worker was interrupted), evaluates, and records its own peak RSS (`ru_maxrss`, the kernel's high-water
-mark of that process) after training and at the end. One process per run, one run at a time: a method's memory
-and time are its own. A finished run's checkpoint is deleted (the trained method stays in train/).
+mark of that process) after training and at the end. One process per run, one run at a time by default: a
+method's memory and time are its own. `--jobs N` runs N at a time (the sweep's runs together, then the runs beyond
+a grid's edge, then the final runs; each worker gets cores // N torch threads: process.worker_env): the same runs
+and results, in about 1/N of the time where the cores allow, but each run's time and memory are then measured on a
+shared machine; every run records the N it ran under (`jobs`) and the report says so. A finished run's checkpoint
+is deleted (the trained method stays in train/).
 
 Method options are routed per method: `prefix.num_virtual_tokens=10`, `lora.r=8`, `prefix.lr=5e-3`. An option
 without a method prefix is given to every method, so each of them must take it. Training settings (`warmup_steps`,
@@ -27,6 +31,7 @@ without a method prefix is given to every method, so each of them must take it. 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -45,7 +50,7 @@ from ..methods.registry import METHODS, make_config, option_names
 from ..train import tasks
 from ..train.optim import default_lr
 from . import report, sweep
-from .process import DirectoryLock, run_worker, say
+from .process import DirectoryLock, run_all, run_worker, say
 from .settings import CompareSettings, route_overrides
 
 SETTINGS_FILE = "compare.json"
@@ -170,6 +175,7 @@ def plan(settings: CompareSettings, out: str | os.PathLike[str]) -> Plan:
     swept = sweep.swept_sizes(settings) if settings.sweep else []
     saved = asdict(settings)
     saved.pop("overrides")
+    saved.pop("jobs")  # how many run at a time does not change a run: a resume may choose another
     saved.update(
         shared_settings=dict(sorted(common.items())),
         method_options=options,
@@ -305,7 +311,8 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run (or reuse) every run of the comparison and write the report; returns results.json's content.
 
-    Each run is a worker process; `launch(job_path)` (tests) runs it in this process instead.
+    Each run is a worker process, `settings.jobs` at a time; `launch(job_path)` (tests) runs each in this process
+    instead, one at a time.
     """
     out = Path(out)
     the_plan = plan(settings, out)
@@ -330,6 +337,7 @@ def run_compare(
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrefixTuneError(f"cannot write to {out}: {e.strerror}") from None
+    jobs = 1 if launch is not None else settings.jobs
     finals = len(settings.methods) * len(settings.train_sizes) * len(settings.seeds)
     count = int(settings.untuned) + len(the_plan.sweep_jobs) + finals  # grows by the rates beyond a grid's edge
     counter = itertools.count(1)
@@ -339,35 +347,55 @@ def run_compare(
         write_subsamples(the_plan)
 
         def run(job: Job) -> dict[str, Any]:
-            return _run_or_reuse(job, f"[{next(counter)}/{count}] {job.name}", settings, lock_fd, progress, launch)
+            tag = f"[{next(counter)}/{count}] {job.name}"
+            return _run_or_reuse(job, tag, settings, lock_fd, progress, launch, jobs)
 
-        results = [run(the_plan.untuned)] if the_plan.untuned else []
-        swept = [{**run(job), "rate_index": job.rate_index} for job in the_plan.sweep_jobs]
+        def run_each(batch: list[Job]) -> list[dict[str, Any]]:
+            return run_all([functools.partial(run, job) for job in batch], jobs)
+
+        first = [the_plan.untuned] if the_plan.untuned else []
+        done = run_each(first + the_plan.sweep_jobs)
+        results = done[: len(first)]
+        swept = [{**r, "rate_index": job.rate_index} for job, r in zip(the_plan.sweep_jobs, done[len(first) :])]
+        cells = [(method, size) for method in settings.methods for size in the_plan.swept]
+        tried = {(m, s): [r for r in swept if r["method"] == m and r.get("train_size") == s] for m, s in cells}
+
+        def best(cell: tuple[str, int | None]) -> dict[str, Any]:
+            return sweep.choose(tried[cell], report.quality_key(tried[cell], "select_scores", settings.metric))
+
+        winner = {cell: best(cell) for cell in cells}
+        open_cells = list(cells)
+        for _ in range(settings.sweep_extend):  # a best rate may lie beyond its grid's edge: one step out per round
+            wave: list[tuple[tuple[str, int | None], Job]] = []
+            for cell in open_cells:
+                method, size = cell
+                rate = sweep.beyond_edge([r["lr"] for r in tried[cell]], winner[cell]["lr"])
+                if rate is None:
+                    continue
+                if rate not in the_plan.tried(method):  # another size may have tried it already
+                    the_plan.extended.setdefault(method, []).append(rate)
+                wave.append((cell, the_plan.job(method, size, settings.seeds[0], rate, settings.select_split, True)))
+            if not wave:
+                break
+            count += len(wave)
+            for (cell, job), r in zip(wave, run_each([job for _, job in wave])):
+                tried[cell].append({**r, "rate_index": job.rate_index, "beyond_grid": True})
+                swept.append(tried[cell][-1])
+                winner[cell] = best(cell)
+            open_cells = [cell for cell, _ in wave]
         winners = {}
-        for method in settings.methods:
-            for size in the_plan.swept:
-                tried = [r for r in swept if r["method"] == method and r.get("train_size") == size]
-                winner = sweep.choose(tried, report.quality_key(tried, "select_scores", settings.metric))
-                for _ in range(settings.sweep_extend):  # the best rate may lie beyond the grid's edge
-                    rate = sweep.beyond_edge([r["lr"] for r in tried], winner["lr"])
-                    if rate is None:
-                        break
-                    if rate not in the_plan.tried(method):  # another size may have tried it already
-                        the_plan.extended.setdefault(method, []).append(rate)
-                    count += 1
-                    job = the_plan.job(method, size, settings.seeds[0], rate, settings.select_split, True)
-                    tried.append({**run(job), "rate_index": job.rate_index, "beyond_grid": True})
-                    swept.append(tried[-1])
-                    winner = sweep.choose(tried, report.quality_key(tried, "select_scores", settings.metric))
-                winner["won"] = True
-                winners[(method, size)] = winner["lr"]
-        for job in the_plan.final_jobs(winners, available):
-            if job.swept:
-                trained = next(r for r in swept if r["name"] == job.name)
-                tag = f"[{next(counter)}/{count}] {job.name}"
-                results.append({**trained, **_test_or_reuse(job, tag, settings, lock_fd, progress, launch)})
-            else:
-                results.append(run(job))
+        for cell in cells:
+            winner[cell]["won"] = True
+            winners[cell] = winner[cell]["lr"]
+
+        def final(job: Job) -> dict[str, Any]:
+            if not job.swept:
+                return run(job)
+            trained = next(r for r in swept if r["name"] == job.name)
+            tag = f"[{next(counter)}/{count}] {job.name}"
+            return {**trained, **_test_or_reuse(job, tag, settings, lock_fd, progress, launch, jobs)}
+
+        results += run_all([functools.partial(final, job) for job in the_plan.final_jobs(winners, available)], jobs)
     return report.write_report(out, saved, results, swept)
 
 
@@ -381,6 +409,7 @@ def write_job(job: Job, settings: CompareSettings, stage: str = "train") -> Path
         "method": job.method,
         "stage": stage,
         "train_size": job.train_size,
+        "jobs": settings.jobs,  # runs at a time while this one ran (its time and memory were measured so)
         "config": job.config.to_dict(),
         "eval": {
             "split": settings.eval_split if stage == "test" else job.split,
@@ -398,7 +427,13 @@ def write_job(job: Job, settings: CompareSettings, stage: str = "train") -> Path
 
 
 def _run_or_reuse(
-    job: Job, tag: str, settings: CompareSettings, lock_fd: int, progress: bool, launch: Callable[[Path], Any] | None
+    job: Job,
+    tag: str,
+    settings: CompareSettings,
+    lock_fd: int,
+    progress: bool,
+    launch: Callable[[Path], Any] | None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     run_dir = Path(job.config.out).parent
     result_path = run_dir / RESULT_FILE
@@ -409,11 +444,17 @@ def _run_or_reuse(
     scored = f"scoring {job.split}" if job.method else "scoring"
     what = f"training {job.config.max_steps} steps at lr {job.config.lr:g}, then {scored}" if job.method else scored
     metrics = Path(job.config.out) / "metrics.jsonl"
-    return run_worker(job_path, result_path, tag, what, metrics, job.config.max_steps, lock_fd, progress, launch)
+    return run_worker(job_path, result_path, tag, what, metrics, job.config.max_steps, lock_fd, progress, launch, jobs)
 
 
 def _test_or_reuse(
-    job: Job, tag: str, settings: CompareSettings, lock_fd: int, progress: bool, launch: Callable[[Path], Any] | None
+    job: Job,
+    tag: str,
+    settings: CompareSettings,
+    lock_fd: int,
+    progress: bool,
+    launch: Callable[[Path], Any] | None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """The test scores of a swept winner (its trained method, loaded in a new process)."""
     run_dir = Path(job.config.out).parent
@@ -423,4 +464,4 @@ def _test_or_reuse(
         return json.loads(result_path.read_text())
     job_path = write_job(job, settings, stage="test")
     what = f"the winning rate {job.config.lr:g}: scoring {settings.eval_split}"
-    return run_worker(job_path, result_path, tag, what, run_dir / "none", None, lock_fd, progress, launch)
+    return run_worker(job_path, result_path, tag, what, run_dir / "none", None, lock_fd, progress, launch, jobs)

@@ -56,6 +56,7 @@ class CompareSettings:
     bootstrap: int = 1000  # resamples of the test inputs for the 95% interval (0: none)
     metric: str | None = None  # generation's quality metric (bleu, rougeL; None: bleu); classification: accuracy
     bootstrap_seed: int = 0
+    jobs: int = 1  # runs at a time, each its own process (not saved in compare.json: a resume may choose another)
 
 
 def route_overrides(

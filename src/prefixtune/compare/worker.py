@@ -131,6 +131,7 @@ def run_job(job_path: Path) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": job["name"],
         "method": method or UNTUNED,
+        "jobs": job.get("jobs", 1),  # runs at a time beside this one: its time and memory were measured so
         "base_params": base_params,
         "rss_after_load_mb": _peak_rss_mb(),
     }
