@@ -348,7 +348,7 @@ def run_compare(
 
         def run(job: Job) -> dict[str, Any]:
             tag = f"[{next(counter)}/{count}] {job.name}"
-            return _run_or_reuse(job, tag, settings, lock_fd, progress, launch, jobs)
+            return _run_or_reuse(job, tag, settings, lock_fd, progress, launch)
 
         def run_each(batch: list[Job]) -> list[dict[str, Any]]:
             return run_all([functools.partial(run, job) for job in batch], jobs)
@@ -393,7 +393,7 @@ def run_compare(
                 return run(job)
             trained = next(r for r in swept if r["name"] == job.name)
             tag = f"[{next(counter)}/{count}] {job.name}"
-            return {**trained, **_test_or_reuse(job, tag, settings, lock_fd, progress, launch, jobs)}
+            return {**trained, **_test_or_reuse(job, tag, settings, lock_fd, progress, launch)}
 
         results += run_all([functools.partial(final, job) for job in the_plan.final_jobs(winners, available)], jobs)
     return report.write_report(out, saved, results, swept)
@@ -427,13 +427,7 @@ def write_job(job: Job, settings: CompareSettings, stage: str = "train") -> Path
 
 
 def _run_or_reuse(
-    job: Job,
-    tag: str,
-    settings: CompareSettings,
-    lock_fd: int,
-    progress: bool,
-    launch: Callable[[Path], Any] | None,
-    jobs: int = 1,
+    job: Job, tag: str, settings: CompareSettings, lock_fd: int, progress: bool, launch: Callable[[Path], Any] | None
 ) -> dict[str, Any]:
     run_dir = Path(job.config.out).parent
     result_path = run_dir / RESULT_FILE
@@ -444,17 +438,13 @@ def _run_or_reuse(
     scored = f"scoring {job.split}" if job.method else "scoring"
     what = f"training {job.config.max_steps} steps at lr {job.config.lr:g}, then {scored}" if job.method else scored
     metrics = Path(job.config.out) / "metrics.jsonl"
-    return run_worker(job_path, result_path, tag, what, metrics, job.config.max_steps, lock_fd, progress, launch, jobs)
+    return run_worker(
+        job_path, result_path, tag, what, metrics, job.config.max_steps, lock_fd, progress, launch, settings.jobs
+    )
 
 
 def _test_or_reuse(
-    job: Job,
-    tag: str,
-    settings: CompareSettings,
-    lock_fd: int,
-    progress: bool,
-    launch: Callable[[Path], Any] | None,
-    jobs: int = 1,
+    job: Job, tag: str, settings: CompareSettings, lock_fd: int, progress: bool, launch: Callable[[Path], Any] | None
 ) -> dict[str, Any]:
     """The test scores of a swept winner (its trained method, loaded in a new process)."""
     run_dir = Path(job.config.out).parent
@@ -464,4 +454,6 @@ def _test_or_reuse(
         return json.loads(result_path.read_text())
     job_path = write_job(job, settings, stage="test")
     what = f"the winning rate {job.config.lr:g}: scoring {settings.eval_split}"
-    return run_worker(job_path, result_path, tag, what, run_dir / "none", None, lock_fd, progress, launch, jobs)
+    return run_worker(
+        job_path, result_path, tag, what, run_dir / "none", None, lock_fd, progress, launch, settings.jobs
+    )
